@@ -1,0 +1,1 @@
+"""Datasets: JSONL reading, prompt formatting, the synthetic generator and the data modules."""

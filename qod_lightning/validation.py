@@ -1,0 +1,269 @@
+"""Validate a model's answer against the request contract, check by check.
+
+:func:`validate_request` returns a :class:`ValidationReport` with one verdict for each of the seven
+checks (JSON syntax, required fields, field types, hallucinated fields, nesting, QoS profile,
+duration) plus *value* hallucinations: addresses, phone numbers, ports or URLs in the answer that
+the user's request never mentioned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema.exceptions import ValidationError
+
+from qod_lightning.extraction import extract_json
+from qod_lightning.schema import ALL_SPEC_KEYS, DEFINED_KEYS, VALIDATOR
+
+CHECKS: tuple[str, ...] = (
+    "json_syntax",
+    "required_fields",
+    "field_types",
+    "no_hallucinated_fields",
+    "nesting",
+    "qos_profile",
+    "duration",
+)
+
+_PORT_KEYS = frozenset({"publicPort", "ports", "from", "to"})
+_IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?![\d.])")
+_IPV6_RE = re.compile(r"(?<![0-9A-Za-z:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:/\d{1,3})?")
+_PHONE_RE = re.compile(r"\+?\d[\d\s().-]{3,}\d")
+_URL_RE = re.compile(r"https?://[^\s\"'<>]+")
+_NUMBER_RE = re.compile(r"(?<![\d.])\d+(?![\d.])")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of one check.
+
+    Attributes:
+        name: One of :data:`CHECKS`.
+        passed: Whether the answer passed.
+        errors: Human-readable reasons, each naming the JSON path.
+    """
+
+    name: str
+    passed: bool
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Everything the validator found in one answer.
+
+    Attributes:
+        parsed: The extracted JSON object, or ``None`` when none parsed.
+        checks: One :class:`CheckResult` per name in :data:`CHECKS`.
+        hallucinated_keys: Paths of keys not defined by the spec at their position.
+        hallucinated_values: Values (addresses, phones, ports, URLs) absent from the request;
+            empty when no request text was given.
+    """
+
+    parsed: dict[str, Any] | None
+    checks: dict[str, CheckResult]
+    hallucinated_keys: tuple[str, ...] = ()
+    hallucinated_values: tuple[str, ...] = field(default=())
+
+    @property
+    def parses(self) -> bool:
+        """Whether a JSON object could be extracted."""
+        return self.parsed is not None
+
+    @property
+    def valid(self) -> bool:
+        """Whether the answer passes all seven checks (and so the JSON Schema)."""
+        return all(c.passed for c in self.checks.values())
+
+    @property
+    def hallucinated(self) -> bool:
+        """Whether the answer invents a key or a value."""
+        return bool(self.hallucinated_keys or self.hallucinated_values)
+
+    @property
+    def errors(self) -> list[str]:
+        """All failure reasons, prefixed with their check's name."""
+        return [f"{c.name}: {e}" for c in self.checks.values() for e in c.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (for CLI errors and reports)."""
+        return {
+            "valid": self.valid,
+            "checks": {n: {"passed": c.passed, "errors": list(c.errors)} for n, c in self.checks.items()},
+            "hallucinated_keys": list(self.hallucinated_keys),
+            "hallucinated_values": list(self.hallucinated_values),
+        }
+
+
+def _path(parts: Any) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
+def _undefined_keys(obj: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Walk ``obj`` and list keys the spec does not define at their position.
+
+    Returns:
+        ``(hallucinated, misplaced)``: paths of every undefined key, and messages for the subset
+        that the spec does define elsewhere (a nesting mistake rather than an invention).
+    """
+    hallucinated: list[str] = []
+    misplaced: list[str] = []
+
+    def walk(node: Any, schema_pos: tuple[str, ...] | None, path: tuple[Any, ...]) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, schema_pos, (*path, i))
+            return
+        if not isinstance(node, dict):
+            return
+        allowed = DEFINED_KEYS.get(schema_pos, frozenset()) if schema_pos is not None else frozenset()
+        for key, value in node.items():
+            if key in allowed:
+                walk(value, (*schema_pos, key), (*path, key))  # type: ignore[misc]
+                continue
+            hallucinated.append(_path((*path, key)))
+            if key in ALL_SPEC_KEYS:
+                misplaced.append(f"{_path((*path, key))}: key {key!r} is not defined at this position")
+            # Keys below an undefined key are not counted again: the parent already is.
+
+    walk(obj, (), ())
+    return hallucinated, misplaced
+
+
+def _classify(error: ValidationError) -> str | None:
+    """Assign a jsonschema error to one of the seven checks (``None``: reported elsewhere)."""
+    top = error.absolute_path[0] if error.absolute_path else None
+    if error.validator == "additionalProperties":
+        return None  # the key walk reports these with full paths
+    if top == "qosProfile":
+        return "qos_profile"
+    if top == "duration":
+        return "duration"
+    if error.validator in ("required", "anyOf", "minProperties"):
+        return "required_fields"
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = set(expected) if isinstance(expected, list) else {expected}
+        container_expected = bool(expected & {"object", "array"})
+        container_given = isinstance(error.instance, (dict, list))
+        if container_expected != container_given:
+            return "nesting"
+    return "field_types"
+
+
+def _schema_checks(obj: dict[str, Any]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {name: [] for name in CHECKS}
+    for error in VALIDATOR.iter_errors(obj):
+        check = _classify(error)
+        if check is not None:
+            found[check].append(f"{_path(error.absolute_path)}: {error.message}")
+    return found
+
+
+def _request_addresses(text: str) -> set[tuple[Any, int | None]]:
+    found: set[tuple[Any, int | None]] = set()
+    for match in [*_IPV4_RE.findall(text), *_IPV6_RE.findall(text)]:
+        address, _, mask = match.partition("/")
+        try:
+            found.add((ipaddress.ip_address(address), int(mask) if mask else None))
+        except ValueError:
+            continue
+    return found
+
+
+def _address_occurs(value: str, addresses: set[tuple[Any, int | None]]) -> bool | None:
+    """``None`` when ``value`` is no IP address; else whether the request mentions it."""
+    address, _, mask = value.partition("/")
+    try:
+        ip = ipaddress.ip_address(address)
+        mask_value = int(mask) if mask else None
+    except ValueError:
+        return None
+    if mask_value is None:
+        return any(ip == seen for seen, _ in addresses)
+    return (ip, mask_value) in addresses
+
+
+def _leaves(node: Any, key: str | None = None):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, k)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _leaves(item, key)
+    else:
+        yield key, node
+
+
+def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
+    """List addresses, phone numbers, ports and URLs in ``obj`` that ``request`` never mentions.
+
+    IP addresses compare as addresses (``2001:db8::1`` equals ``2001:0db8:0::1``), phone numbers
+    by their digits (spaces, dashes and a leading ``+`` ignored), ports as whole numbers in the
+    request that are not part of an address, URLs as substrings.
+
+    Args:
+        obj: A parsed answer.
+        request: The user's request text.
+
+    Returns:
+        One message per invented value, in document order.
+    """
+    if not isinstance(request, str):
+        request = ""
+    addresses = _request_addresses(request)
+    without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub(" ", request))
+    numbers = {int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6}
+    phones = {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(without_ips)}
+    phones |= {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(request)}
+    invented: list[str] = []
+    for key, value in _leaves(obj):
+        if isinstance(value, bool):
+            continue
+        if key in _PORT_KEYS and isinstance(value, int):
+            if value not in numbers:
+                invented.append(f"port {value} ({key})")
+        elif isinstance(value, str):
+            occurs = _address_occurs(value.strip(), addresses)
+            if occurs is False:
+                invented.append(f"address {value} ({key})")
+            elif occurs is None and key == "phoneNumber":
+                if re.sub(r"\D", "", value) not in phones:
+                    invented.append(f"phone number {value}")
+            elif occurs is None and (key == "notificationUrl" or value.startswith(("http://", "https://"))):
+                if value.rstrip("/") not in request:
+                    invented.append(f"URL {value} ({key})")
+            elif occurs is None and key == "networkAccessIdentifier" and value not in request:
+                invented.append(f"network access identifier {value}")
+    return invented
+
+
+def validate_request(output: str | dict[str, Any], request: str | None = None) -> ValidationReport:
+    """Run the seven contract checks (and value hallucination, given the request) on an answer.
+
+    Never raises on any input: text with no JSON object yields a report whose ``json_syntax``
+    check failed and whose other checks are marked as not run.
+
+    Args:
+        output: Raw model text (the first JSON object is extracted) or an already parsed object.
+        request: The user's request text; enables the value-hallucination check.
+
+    Returns:
+        The report.
+    """
+    obj = output if isinstance(output, dict) else extract_json(output)
+    if obj is None:
+        skipped = ("not checked: no JSON object could be parsed",)
+        checks = {name: CheckResult(name, False, skipped) for name in CHECKS}
+        checks["json_syntax"] = CheckResult("json_syntax", False, ("no JSON object found",))
+        return ValidationReport(parsed=None, checks=checks)
+    found = _schema_checks(obj)
+    hallucinated, misplaced = _undefined_keys(obj)
+    found["no_hallucinated_fields"] = [f"{p}: key not defined by the spec here" for p in hallucinated]
+    found["nesting"].extend(misplaced)
+    checks = {name: CheckResult(name, not errs, tuple(errs)) for name, errs in found.items()}
+    values = tuple(value_hallucinations(obj, request)) if request is not None else ()
+    return ValidationReport(obj, checks, tuple(hallucinated), values)
