@@ -26,6 +26,7 @@ def find_json_object(text: str) -> tuple[dict[str, Any], int, int] | None:
 
     Returns:
         ``(obj, start, end)`` with ``text[start:end]`` the object's source, or ``None``.
+
     """
     if not isinstance(text, str):
         return None
@@ -52,6 +53,7 @@ def extract_json(text: str) -> dict[str, Any] | None:
 
     Returns:
         The parsed object, or ``None``.
+
     """
     found = find_json_object(text)
     return None if found is None else found[0]

@@ -206,6 +206,7 @@ def defined_keys() -> dict[tuple[str, ...], frozenset[str]]:
 
     Returns:
         ``{path: keys}`` for every object-typed node of :data:`REQUEST_SCHEMA`.
+
     """
     positions: dict[tuple[str, ...], frozenset[str]] = {}
 

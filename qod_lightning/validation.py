@@ -29,11 +29,13 @@ CHECKS: tuple[str, ...] = (
 )
 
 _PORT_KEYS = frozenset({"publicPort", "ports", "from", "to"})
-_IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?![\d.])")
+# A sentence-final period may follow an address or number ("server 192.0.2.1."); a dot
+# followed by a digit may not, so "1.2.3.4.5" and "2.5 hours" are not read as addresses or ports.
+_IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?!\.?\d)")
 _IPV6_RE = re.compile(r"(?<![0-9A-Za-z:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:/\d{1,3})?")
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{3,}\d")
 _URL_RE = re.compile(r"https?://[^\s\"'<>]+")
-_NUMBER_RE = re.compile(r"(?<![\d.])\d+(?![\d.])")
+_NUMBER_RE = re.compile(r"(?<![\d.])\d+(?!\.?\d)")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class CheckResult:
         name: One of :data:`CHECKS`.
         passed: Whether the answer passed.
         errors: Human-readable reasons, each naming the JSON path.
+
     """
 
     name: str
@@ -61,6 +64,7 @@ class ValidationReport:
         hallucinated_keys: Paths of keys not defined by the spec at their position.
         hallucinated_values: Values (addresses, phones, ports, URLs) absent from the request;
             empty when no request text was given.
+
     """
 
     parsed: dict[str, Any] | None
@@ -108,6 +112,7 @@ def _undefined_keys(obj: dict[str, Any]) -> tuple[list[str], list[str]]:
     Returns:
         ``(hallucinated, misplaced)``: paths of every undefined key, and messages for the subset
         that the spec does define elsewhere (a nesting mistake rather than an invention).
+
     """
     hallucinated: list[str] = []
     misplaced: list[str] = []
@@ -211,6 +216,7 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
 
     Returns:
         One message per invented value, in document order.
+
     """
     if not isinstance(request, str):
         request = ""
@@ -253,6 +259,7 @@ def validate_request(output: str | dict[str, Any], request: str | None = None) -
 
     Returns:
         The report.
+
     """
     obj = output if isinstance(output, dict) else extract_json(output)
     if obj is None:

@@ -26,6 +26,7 @@ def dump_request(request: dict[str, Any]) -> str:
 
     Returns:
         The JSON text.
+
     """
     return json.dumps(request, separators=(",", ":"), ensure_ascii=False)
 
@@ -39,5 +40,6 @@ def format_alpaca(instruction: str, user_input: str) -> str:
 
     Returns:
         The prompt, ending where the response starts.
+
     """
     return ALPACA_TEMPLATE.format(instruction=instruction, input=user_input)

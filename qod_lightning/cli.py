@@ -1,0 +1,80 @@
+"""Command line: ``python -m qod_lightning COMMAND ...``."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+COMMANDS = {
+    "fit": "train a model (SFT or DPO) from a LightningCLI config: fit --config configs/sft.yaml",
+    "validate": "run validation of a config's model and data",
+    "test": "run the test loop of a config's model and data",
+    "data": "dataset tools: data generate --num-sft N --seed S",
+}
+
+
+class QoDCLI(LightningCLI):
+    """LightningCLI whose data module shares the model's tokenizer path."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Link ``data.model_name_or_path`` to the model's, so a config names the model once."""
+        parser.link_arguments(
+            "model.init_args.model.model_name_or_path", "data.init_args.model_name_or_path"
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> QoDCLI:
+    """Run LightningCLI (``fit``/``validate``/``test``...) in-process; tests call this directly.
+
+    Args:
+        args: Command-line arguments after the program name (default: ``sys.argv[1:]``).
+        run: Whether to run the subcommand (``False``: only instantiate, with no subcommand).
+
+    Returns:
+        The CLI object (its ``trainer``, ``model`` and ``datamodule`` are ready for inspection).
+
+    """
+    return QoDCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {text}" for name, text in COMMANDS.items()]
+    return "usage: python -m qod_lightning COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command; ``--help`` lists them.
+
+    Args:
+        argv: Arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code.
+
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in ("fit", "validate", "test", "predict"):
+        cli_main([command, *rest])
+        return 0
+    if command == "data":
+        if not rest or rest[0] != "generate":
+            print("usage: python -m qod_lightning data generate [--help]", file=sys.stderr)
+            return 2
+        from qod_lightning.data.generate import main as generate_main
+
+        return generate_main(rest[1:])
+    print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2

@@ -1,0 +1,75 @@
+"""Preference data: ``{"prompt", "chosen", "rejected"}`` records for DPO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qod_lightning.data.base import TokenizedDataModule
+from qod_lightning.data.jsonl import DataError, read_jsonl
+from qod_lightning.data.prompts import SYSTEM_PROMPT
+from qod_lightning.data.tokenize import (
+    IGNORE_INDEX,
+    encode_prompt,
+    encode_response,
+    fit_to_length,
+    format_prompt,
+    pad_batch,
+)
+
+PREFERENCE_RECORD = {"prompt": str, "chosen": str, "rejected": str}
+
+
+class PreferenceDataModule(TokenizedDataModule):
+    """DPO batches holding chosen and rejected answers to the same prompts, concatenated.
+
+    A batch of B pairs has ``input_ids``, ``attention_mask`` and ``labels`` of shape (2B, T):
+    rows ``[:B]`` are the chosen answers and rows ``[B:]`` the rejected ones, padded to one length
+    so the policy scores both in a single forward pass. Labels are ``-100`` on the prompt and
+    padding. ``prompt`` is the user's request; the instruction is
+    :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT. See
+    :class:`~qod_lightning.data.base.TokenizedDataModule` for the arguments.
+    """
+
+    encoded_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "input_ids")
+
+    def read(self, path: str) -> list[dict[str, Any]]:
+        """Read preference records; a pair whose chosen equals its rejected is an error."""
+        records = read_jsonl(path, PREFERENCE_RECORD)
+        for record in records:
+            if record["chosen"].strip() == record["rejected"].strip():
+                raise DataError(path, record["_line"], "'chosen' is identical to 'rejected': nothing to learn")
+        return records
+
+    def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Prompt ids (truncated to fit the longer answer) and both answers' ids + EOS."""
+        prompt = format_prompt(self.tokenizer, record["prompt"], SYSTEM_PROMPT, self.hparams.prompt_format)
+        prompt_ids = encode_prompt(self.tokenizer, prompt, self.hparams.prompt_format)
+        chosen = encode_response(self.tokenizer, record["chosen"])
+        rejected = encode_response(self.tokenizer, record["rejected"])
+        longer = chosen if len(chosen) >= len(rejected) else rejected
+        kept = fit_to_length(prompt_ids, longer, self.hparams.max_length)
+        if kept is None:
+            return None
+        return {
+            "prompt_ids": kept,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "truncated": len(kept) < len(prompt_ids),
+            # the length used to group batches
+            "input_ids": kept + longer,
+        }
+
+    def weight(self, example: dict[str, Any]) -> int:
+        """One per pair: the DPO loss is a mean over pairs."""
+        return 1
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack chosen rows then rejected rows, right-padded to one length."""
+        rows = [
+            {"input_ids": item["prompt_ids"] + item[key], "labels": [IGNORE_INDEX] * len(item["prompt_ids"]) + item[key]}
+            for key in ("chosen_ids", "rejected_ids")
+            for item in items
+        ]
+        return pad_batch(rows, self.tokenizer.pad_token_id)

@@ -1,0 +1,111 @@
+"""Turn prompt/response pairs into token ids with an exact prompt/response boundary.
+
+The prompt and the response are tokenized separately and concatenated, so the prompt's tokens are
+a prefix of the sequence by construction and the label mask starts exactly at the response. The
+same prompt ids are what generation conditions on, so training and inference see one tokenization.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qod_lightning.data.prompts import SYSTEM_PROMPT, format_alpaca
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that the loss and the log-prob functions skip (PyTorch's cross-entropy default)."""
+
+PromptFormat = Literal["alpaca", "chat"]
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    user_input: str,
+    instruction: str = SYSTEM_PROMPT,
+    prompt_format: PromptFormat = "alpaca",
+) -> str:
+    """Render the text the model sees before its answer.
+
+    Args:
+        tokenizer: Needed for the ``chat`` format (its chat template).
+        user_input: The user's request.
+        instruction: The system instruction.
+        prompt_format: ``alpaca`` (the design's ``### Instruction/Input/Response`` template) or
+            ``chat`` (the tokenizer's chat template with a system and a user turn).
+
+    Returns:
+        The prompt text, ending where the answer begins.
+
+    """
+    if prompt_format == "alpaca":
+        return format_alpaca(instruction, user_input)
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format='chat' but the tokenizer has no chat template")
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": user_input}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown prompt_format {prompt_format!r}; expected 'alpaca' or 'chat'")
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prompt_format: PromptFormat) -> list[int]:
+    """Token ids of a rendered prompt (BOS included where the tokenizer adds one).
+
+    Chat templates already contain their special tokens, so none are added for them.
+    """
+    return tokenizer(prompt, add_special_tokens=prompt_format == "alpaca")["input_ids"]
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    """Token ids of an answer followed by EOS, so the model learns to stop."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+    return [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+def fit_to_length(prompt_ids: list[int], response_ids: list[int], max_length: int) -> list[int] | None:
+    """Apply the length policy to one example.
+
+    The response is never cut: when prompt + response is too long, tokens are dropped from the
+    start of the prompt (keeping a leading BOS), and when the response alone leaves no room for a
+    prompt token the example is rejected.
+
+    Returns:
+        The (possibly truncated) prompt ids, or ``None`` when the example cannot fit.
+
+    """
+    room = max_length - len(response_ids)
+    if room < 1:
+        return None
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    return prompt_ids[len(prompt_ids) - room :]
+
+
+def pad_batch(
+    sequences: list[dict[str, list[int]]], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "labels")
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to the longest one (dynamic padding).
+
+    Args:
+        sequences: Examples with ``input_ids`` and ``labels`` of equal length each.
+        pad_token_id: Id written into padded ``input_ids``; padded labels are ``-100``.
+        keys: The id keys to pad; the first gives the attention mask.
+
+    Returns:
+        ``input_ids`` and ``labels`` of shape (B, T) and ``attention_mask`` (B, T) of 0/1.
+
+    """
+    longest = max(len(s[keys[0]]) for s in sequences)
+    batch: dict[str, Any] = {}
+    for key in keys:
+        fill = IGNORE_INDEX if key == "labels" else pad_token_id
+        batch[key] = torch.tensor([s[key] + [fill] * (longest - len(s[key])) for s in sequences])
+    batch["attention_mask"] = torch.tensor(
+        [[1] * len(s[keys[0]]) + [0] * (longest - len(s[keys[0]])) for s in sequences]
+    )
+    return batch

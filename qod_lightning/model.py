@@ -1,0 +1,274 @@
+"""Model factory: a causal LM, optionally 4-bit NF4 (QLoRA), wrapped with a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+KNOWN_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    # Hugging Face's Phi-3 fuses q/k/v and gate/up: `q_proj` matches nothing there.
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+"""Every attention and MLP projection, per architecture (``config.model_type``)."""
+
+
+@dataclass
+class LoRASettings:
+    """The LoRA adapter (defaults: the design's recipe).
+
+    Attributes:
+        r: Rank of the update matrices.
+        alpha: Scale numerator; the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter's input.
+        target_modules: Module names to adapt, or ``"all-projections"`` for every attention and
+            MLP projection of the architecture (fused names on Phi-3, split ones on Llama).
+
+    """
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-projections"
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"invalid LoRA settings: r={self.r}, alpha={self.alpha}, dropout={self.dropout}")
+
+
+@dataclass
+class QuantizationSettings:
+    """4-bit loading through bitsandbytes (QLoRA).
+
+    Attributes:
+        load_in_4bit: Quantize the base model's linear layers to 4 bits.
+        quant_type: ``nf4`` (NormalFloat, the QLoRA paper's) or ``fp4``.
+        double_quant: Quantize the quantization constants too (about 0.4 bit/param saved).
+        compute_dtype: Dtype the 4-bit matmuls compute in.
+
+    """
+
+    load_in_4bit: bool = False
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+
+
+@dataclass
+class ModelSettings:
+    """Which model to load and how.
+
+    Attributes:
+        model_name_or_path: Hub id, local Hugging Face directory, or ``embedded:smollm2-135m``.
+        adapter_path: A saved PEFT adapter to start from (e.g. the SFT output for DPO).
+        dtype: Dtype of the non-quantized weights.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Run code shipped with a hub model; off unless a config turns it on.
+        lora: The adapter.
+        quantization: 4-bit loading.
+
+    """
+
+    model_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
+    adapter_path: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn ``embedded:NAME`` into a prepared local directory; pass anything else through."""
+    if name.startswith("embedded:"):
+        from qod_lightning.embedded import prepare_embedded
+
+        return str(prepare_embedded(name.removeprefix("embedded:")))
+    return name
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, giving it a pad token (EOS) when it has none.
+
+    Args:
+        name_or_path: As :attr:`ModelSettings.model_name_or_path`.
+        trust_remote_code: See :class:`ModelSettings`.
+
+    Returns:
+        The tokenizer.
+
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Leaf names of the linear layers inside the transformer blocks (``lm_head`` excluded)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and "lm_head" not in full_name and not full_name.endswith("score"):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return names
+
+
+def resolve_target_modules(model: nn.Module, requested: str | list[str]) -> list[str]:
+    """Turn a target-module setting into module names that exist in ``model``.
+
+    Args:
+        model: The base model.
+        requested: ``"all-projections"`` or explicit names.
+
+    Returns:
+        The sorted names.
+
+    Raises:
+        ValueError: When a requested name matches no module (for example ``q_proj`` on Phi-3,
+            whose attention projection is the fused ``qkv_proj``).
+
+    """
+    available = linear_module_names(model)
+    if requested == "all-projections":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        known = KNOWN_PROJECTIONS.get(model_type) if model_type else None
+        names = [n for n in known if n in available] if known else sorted(available)
+        if not names:
+            raise ValueError(f"no projection modules found in {type(model).__name__}")
+        return sorted(names)
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    missing = [n for n in requested if n not in available]
+    if missing:
+        raise ValueError(
+            f"LoRA target module(s) {missing} match no linear layer of {type(model).__name__}; "
+            f"available: {sorted(available)}"
+        )
+    return sorted(requested)
+
+
+def load_base_model(settings: ModelSettings) -> PreTrainedModel:
+    """Load the causal LM described by ``settings`` (4-bit when configured), without an adapter."""
+    path = resolve_model_path(settings.model_name_or_path)
+    kwargs: dict = {
+        "dtype": DTYPES[settings.dtype],
+        "attn_implementation": settings.attn_implementation,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    if settings.quantization.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        q = settings.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def lora_config(model: nn.Module, lora: LoRASettings) -> LoraConfig:
+    """The PEFT config for ``model`` with target modules resolved and checked."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=resolve_target_modules(model, lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(settings: ModelSettings, trainable: bool = True) -> PeftModel:
+    """Load the base model and attach the LoRA adapter (a new one or ``adapter_path``).
+
+    Args:
+        settings: What to load.
+        trainable: Whether the adapter's parameters require grad. Base weights never do.
+
+    Returns:
+        The PEFT-wrapped model.
+
+    """
+    model = load_base_model(settings)
+    if settings.quantization.load_in_4bit:
+        # Casts norms to fp32 and enables input grads so checkpointing works through 4-bit layers.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if settings.adapter_path:
+        peft_model = PeftModel.from_pretrained(model, settings.adapter_path, is_trainable=trainable)
+    else:
+        peft_model = get_peft_model(model, lora_config(model, settings.lora))
+    # Record the name the user gave (e.g. ``embedded:smollm2-135m``), not a resolved cache path,
+    # so a saved adapter finds its base on any machine.
+    peft_model.peft_config["default"].base_model_name_or_path = settings.model_name_or_path
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_(trainable and "lora_" in name)
+    return peft_model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, total)`` parameter counts (4-bit weights counted unpacked)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Write the adapter (``adapter_config.json`` + safetensors) and the tokenizer, atomically.
+
+    Files go to a sibling temporary directory first, which is renamed into place, so a crash
+    never leaves a half-written adapter that a later run would trust.
+
+    Args:
+        model: The PEFT model.
+        tokenizer: Saved beside the adapter so the directory is self-contained.
+        directory: Target directory (replaced if it exists).
+
+    Returns:
+        The directory.
+
+    """
+    from qod_lightning.artifacts import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(directory)
