@@ -19,9 +19,7 @@ class QoDCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         """Link ``data.model_name_or_path`` to the model's, so a config names the model once."""
-        parser.link_arguments(
-            "model.init_args.model.model_name_or_path", "data.init_args.model_name_or_path"
-        )
+        parser.link_arguments("model.init_args.model.model_name_or_path", "data.init_args.model_name_or_path")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> QoDCLI:

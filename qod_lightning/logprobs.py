@@ -57,9 +57,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return per_token.sum(-1), mask.sum(-1)
 
 
-def response_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_logps` computed from hidden states, running ``lm_head`` only where needed.
 
     Args:

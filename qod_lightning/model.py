@@ -221,9 +221,7 @@ def build_model(settings: ModelSettings, trainable: bool = True) -> PeftModel:
     model = load_base_model(settings)
     if settings.quantization.load_in_4bit:
         # Casts norms to fp32 and enables input grads so checkpointing works through 4-bit layers.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -195,4 +195,3 @@ class TokenizedDataModule(L.LightningDataModule):
         """Validation batches in file order (none when there is no validation data)."""
         assert self.val_set is not None, "call setup() first"
         return self.ordered_dataloader("val") if len(self.val_set) else []
-

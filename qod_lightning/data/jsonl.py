@@ -56,9 +56,7 @@ def read_jsonl(path: str | Path, schema: Mapping[str, type | tuple[type, ...]]) 
     return records
 
 
-def _parse_record(
-    path: Path, number: int, line: str, schema: Mapping[str, type | tuple[type, ...]]
-) -> dict[str, Any]:
+def _parse_record(path: Path, number: int, line: str, schema: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:

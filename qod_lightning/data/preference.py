@@ -68,7 +68,10 @@ class PreferenceDataModule(TokenizedDataModule):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack chosen rows then rejected rows, right-padded to one length."""
         rows = [
-            {"input_ids": item["prompt_ids"] + item[key], "labels": [IGNORE_INDEX] * len(item["prompt_ids"]) + item[key]}
+            {
+                "input_ids": item["prompt_ids"] + item[key],
+                "labels": [IGNORE_INDEX] * len(item["prompt_ids"]) + item[key],
+            }
             for key in ("chosen_ids", "rejected_ids")
             for item in items
         ]

@@ -175,7 +175,9 @@ class DPOModule(L.LightningModule):
         """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
         if not self.trainer.is_global_zero:
             return None
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(self.settings.model_name_or_path)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
+            self.settings.model_name_or_path
+        )
         return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -80,7 +80,13 @@ class SFTModule(L.LightningModule):
             self.val_nll.update(nll.detach())
             self.val_tokens.update(tokens)
             loss = nll / tokens.clamp(min=1)
-        self.log(f"{stage}/loss", nll.detach() / tokens.clamp(min=1), batch_size=int(tokens), prog_bar=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            nll.detach() / tokens.clamp(min=1),
+            batch_size=int(tokens),
+            prog_bar=True,
+            sync_dist=stage != "train",
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -125,7 +131,9 @@ class SFTModule(L.LightningModule):
         """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
         if not self.trainer.is_global_zero:
             return None
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(self.settings.model_name_or_path)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
+            self.settings.model_name_or_path
+        )
         return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,0 +1,96 @@
+"""Every config in configs/ instantiates; SFT then DPO train a few steps through the CLI."""
+
+from pathlib import Path
+
+import pytest
+
+from qod_lightning.cli import cli_main, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TRAINING_CONFIGS = [c for c in CONFIGS if c.name in ("sft.yaml", "dpo.yaml")]
+
+
+def tiny_overrides(tiny_model_dir, tmp_path, small_data, config: Path, four_bit: bool) -> list[str]:
+    data = small_data["preferences"] if "dpo" in config.name else small_data["sft"]
+    args = [
+        "--config",
+        str(config),
+        "--model.init_args.model.model_name_or_path",
+        str(tiny_model_dir),
+        "--model.init_args.model.quantization.load_in_4bit",
+        str(four_bit).lower(),
+        "--model.init_args.model.quantization.compute_dtype",
+        "float32",
+        "--model.init_args.model.dtype",
+        "float32",
+        "--model.init_args.model.gradient_checkpointing",
+        "false",
+        "--model.init_args.output_dir",
+        str(tmp_path / config.stem),
+        "--data.init_args.train_file",
+        str(data),
+        "--trainer.precision",
+        "32",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "logs"),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    if "dpo" in config.name:
+        args += ["--model.init_args.model.adapter_path", str(tmp_path / "sft" / "final")]
+    return args
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "data"):
+        assert f"  {command}" in out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_every_config_instantiates(config, tiny_model_dir, small_data, tmp_path):
+    if "dpo" in config.name:  # DPO starts from an SFT adapter
+        cli_main(
+            ["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, CONFIGS[-1].with_name("sft.yaml"), False)]
+        )
+    cli = cli_main(tiny_overrides(tiny_model_dir, tmp_path, small_data, config, False), run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_sft_then_dpo_through_the_cli(four_bit, tiny_model_dir, small_data, tmp_path):
+    sft, dpo = TRAINING_CONFIGS[1], TRAINING_CONFIGS[0]
+    assert sft.name == "sft.yaml" and dpo.name == "dpo.yaml"
+    cli = cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, sft, four_bit)])
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / "sft/final/adapter_model.safetensors").is_file()
+    cli = cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, dpo, four_bit)])
+    assert cli.trainer.global_step == 2
+    logged = cli.trainer.callback_metrics
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        assert f"train/{name}" in logged or f"train/{name}_step" in logged
+    assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
+
+
+def test_print_config(capsys, tiny_model_dir, small_data, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            ["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, TRAINING_CONFIGS[1], False), "--print_config"]
+        )
+    assert exit_info.value.code == 0
+    assert "class_path: qod_lightning.modules.SFTModule" in capsys.readouterr().out

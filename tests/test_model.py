@@ -1,0 +1,92 @@
+"""Model factory: target modules per architecture, exact LoRA sizes, 4-bit loading."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+from qod_lightning.model import (
+    LoRASettings,
+    ModelSettings,
+    QuantizationSettings,
+    build_model,
+    count_parameters,
+    lora_config,
+    resolve_target_modules,
+)
+
+
+def test_phi3_mini_adapter_has_design_size():
+    config = Phi3Config()  # the defaults are Phi-3-mini-4k's shape
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
+    peft_model = get_peft_model(model, lora_config(model, LoRASettings()))
+    trainable, total = count_parameters(peft_model)
+    assert trainable == 25_165_824
+    assert total == 3_821_079_552 + 25_165_824
+
+
+def test_phi3_uses_fused_names_and_rejects_split_ones():
+    config = Phi3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    model = Phi3ForCausalLM(config)
+    assert resolve_target_modules(model, "all-projections") == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match no linear layer"):
+        resolve_target_modules(model, ["q_proj", "o_proj"])
+
+
+def test_llama_uses_split_names():
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    assert resolve_target_modules(model, "all-projections") == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert resolve_target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError):
+        LoRASettings(r=0)
+    with pytest.raises(ValueError):
+        QuantizationSettings(quant_type="int3")
+    with pytest.raises(ValueError):
+        ModelSettings(dtype="float8")
+
+
+def test_only_lora_parameters_train(tiny_model_dir):
+    model = build_model(ModelSettings(model_name_or_path=str(tiny_model_dir)))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert model.peft_config["default"].base_model_name_or_path == str(tiny_model_dir)
+
+
+def test_4bit_nf4_loads_and_runs_on_cpu(tiny_model_dir):
+    settings = ModelSettings(
+        model_name_or_path=str(tiny_model_dir),
+        quantization=QuantizationSettings(load_in_4bit=True, compute_dtype="float32"),
+    )
+    model = build_model(settings)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds
+    out = model(input_ids=torch.tensor([[0, 5, 6, 7]]))
+    assert torch.isfinite(out.logits).all()
+    trainable, _ = count_parameters(model)
+    assert trainable > 0
