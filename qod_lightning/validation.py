@@ -93,7 +93,7 @@ class ValidationReport:
         return [f"{c.name}: {e}" for c in self.checks.values() for e in c.errors]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (for CLI errors and reports)."""
+        """Return a JSON-ready summary (for CLI errors and reports)."""
         return {
             "valid": self.valid,
             "checks": {n: {"passed": c.passed, "errors": list(c.errors)} for n, c in self.checks.items()},
@@ -172,6 +172,8 @@ def _request_addresses(text: str) -> set[tuple[Any, int | None]]:
     found: set[tuple[Any, int | None]] = set()
     for match in [*_IPV4_RE.findall(text), *_IPV6_RE.findall(text)]:
         address, _, mask = match.partition("/")
+        if address.endswith(":") and not address.endswith("::"):
+            address = address[:-1]  # punctuation, as in "server 2001:db8::1: gaming"
         try:
             found.add((ipaddress.ip_address(address), int(mask) if mask else None))
         except ValueError:
@@ -207,8 +209,8 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
     """List addresses, phone numbers, ports and URLs in ``obj`` that ``request`` never mentions.
 
     IP addresses compare as addresses (``2001:db8::1`` equals ``2001:0db8:0::1``), phone numbers
-    by their digits (spaces, dashes and a leading ``+`` ignored), ports as whole numbers in the
-    request that are not part of an address, URLs as substrings.
+    by their digits within a phone-like span (spaces, dashes and a leading ``+`` ignored), ports
+    as whole numbers in the request that are not part of an address, URLs as substrings.
 
     Args:
         obj: A parsed answer.
@@ -221,7 +223,9 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
     if not isinstance(request, str):
         request = ""
     addresses = _request_addresses(request)
-    without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub(" ", request))
+    # IPv4 addresses become a letter, not a space, so "192.0.2.7:5000: gaming" keeps port 5000
+    # instead of leaving " :5000:" to be read (and removed) as an IPv6 address.
+    without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub("x", request))
     numbers = {int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6}
     phones = {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(without_ips)}
     phones |= {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(request)}
@@ -237,7 +241,9 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
             if occurs is False:
                 invented.append(f"address {value} ({key})")
             elif occurs is None and key == "phoneNumber":
-                if re.sub(r"\D", "", value) not in phones:
+                digits = re.sub(r"\D", "", value)
+                # A match can run on into a following number ("+44 7700 900123 (2 hours)").
+                if not (digits and any(digits in phone for phone in phones)):
                     invented.append(f"phone number {value}")
             elif occurs is None and (key == "notificationUrl" or value.startswith(("http://", "https://"))):
                 if value.rstrip("/") not in request:

@@ -139,6 +139,8 @@ def duration_wordings(seconds: int) -> DurationWordings:
         nouns = _hour_nouns(hours)
         unit = "hour" if hours == 1 else "hours"
         extra = [f"for the next {hours} {unit}", f"over the next {hours} {unit}"]
+        if hours > 1:
+            extra.append(f"for the next {hours} hrs")
     elif seconds % 60 == 0:
         nouns = _minute_nouns(seconds // 60)
         extra = [f"for the next {seconds // 60} minutes"]
@@ -178,7 +180,7 @@ _DEVICE_NOUNS: tuple[str, ...] = (
 
 
 def _short_ids(device: DeviceSpec, rng: random.Random) -> list[str]:
-    """Identifiers labelled by kind ("IP 203.0.113.7"), for devices that give several."""
+    """Label each identifier by kind ("IP 203.0.113.7"), for devices that give several."""
     ids = []
     if device.ipv4 is not None:
         ids.append(rng.choice(("IP {}", "IPv4 {}", "address {}")).format(device.ipv4))

@@ -249,10 +249,10 @@ def _private_ipv4(rng: random.Random) -> str:
 
 def _ipv6_host(rng: random.Random) -> str:
     # Some zero groups so the compressed "::" form shows up as it does in real configs.
-    groups = [0x2001, 0xDB8] + [rng.choice((0, rng.randint(1, 0xFFFF))) for _ in range(6)]
+    groups = [rng.choice((0, rng.randint(1, 0xFFFF))) for _ in range(6)]
     groups[-1] = groups[-1] or rng.randint(1, 0xFFF)
-    value = int("".join(f"{g:04x}" for g in groups), 16)
-    return str(ipaddress.IPv6Address(value))
+    prefix = ipaddress.IPv6Network(IPV6_DOC_NETWORK).network_address
+    return str(prefix + int("".join(f"{g:04x}" for g in groups), 16))
 
 
 def _server_address(rng: random.Random, device_ipv4: str | None) -> str:

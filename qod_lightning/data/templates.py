@@ -168,7 +168,7 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     _t("server_first", "Server {server_addr}, device {device_id}: {task}[, {length}]", "terse"),
     _t("length_of", "[{length} of ]{task} for {device_id} against {server_addr}", "terse"),
     _t("needs_qod", "{device_id} needs QoD for {task} with {server_addr}[ for {length}]", "terse"),
-    _t("json_please", "json please: device {device_id}, app server {server_addr}, {task}[, {length}]", "terse"),
+    _t("json_please", "JSON please: device {device_id}, app server {server_addr}, {task}[, {length}]", "terse"),
     # key=value and fields
     _t(
         "kv",
@@ -177,8 +177,7 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     ),
     _t(
         "colon_semi",
-        "ue: {device_id}; app server: {server_addr};[ use case: {use};][ profile: {profile};]"
-        "[ duration: {length};]",
+        "UE: {device_id}; app server: {server_addr};[ use case: {use};][ profile: {profile};][ duration: {length};]",
         "colon_semi",
     ),
     _t("ultra_terse", "dev {device_id} srv {server_addr}[ {use}][ {profile}][ {length}]", "slash", lower=True),
@@ -195,8 +194,7 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     ),
     _t(
         "lines",
-        "Device: {device_id}\nServer: {server_addr}[\nUse case: {use}][\nProfile: {profile}]"
-        "[\nDuration: {length}]",
+        "Device: {device_id}\nServer: {server_addr}[\nUse case: {use}][\nProfile: {profile}][\nDuration: {length}]",
         "lines",
     ),
     _t("stars", "QoD please\n* {device_id}\n* server {server_addr}\n* {task}[\n* {length}]", "star"),
@@ -209,14 +207,14 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     _t("hey_could_you", "Hey, could you set up {purpose} between {device} and {server}[ {duration}]? Thanks!"),
     _t(
         "stable_connection",
-        "I need a stable connection for {purpose}. It runs on {device} and talks to {server}."
-        "[ Keep it up {duration}.]",
+        "I need a stable connection for {purpose}. It runs on {device} and talks to {server}.[ Keep it up {duration}.]",
     ),
-    _t("running_from", "We're running {purpose} from {device} to {server}[ {duration}], please prioritise the traffic."),
+    _t(
+        "running_from", "We're running {purpose} from {device} to {server}[ {duration}], please prioritise the traffic."
+    ),
     _t(
         "good_morning",
-        "Good morning, we have {purpose} coming up on {device}. The traffic goes to {server}."
-        "[ We need it {duration}.]",
+        "Good morning, we have {purpose} coming up on {device}. The traffic goes to {server}.[ We need it {duration}.]",
     ),
     _t(
         "make_it_smooth",
@@ -228,7 +226,10 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     ),
     _t("traffic_is", "Traffic from {device} to {server} is {purpose}. Please apply QoD[ {duration}]."),
     # imperative
-    _t("create_for", "Please create a quality-on-demand session for {purpose} between {device} and {server}[ {duration}]."),
+    _t(
+        "create_for",
+        "Please create a quality-on-demand session for {purpose} between {device} and {server}[ {duration}].",
+    ),
     _t("create_qod", "Create a QoD session for {purpose} between {device} and {server}[ {duration}]."),
     _t("set_up_from", "Set up {purpose} from {device} to {server}[ {duration}]."),
     _t("prioritise_between", "Prioritise traffic between {device} and {server} for {purpose}[ {duration}]."),
@@ -242,8 +243,14 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     _t("for_purpose", "For {purpose}[ {duration}], please prioritise {device} when it talks to {server}."),
     # questions
     _t("can_i_get", "Can I get {purpose} prioritised for {device} talking to {server}[ {duration}]?"),
-    _t("better_connection", "Could you give {device} a better connection to {server}[ {duration}]? We're doing {purpose}."),
-    _t("is_it_possible", "Is it possible to guarantee quality for {purpose} between {device} and {server}[ {duration}]?"),
+    _t(
+        "better_connection",
+        "Could you give {device} a better connection to {server}[ {duration}]? We're doing {purpose}.",
+    ),
+    _t(
+        "is_it_possible",
+        "Is it possible to guarantee quality for {purpose} between {device} and {server}[ {duration}]?",
+    ),
     _t("what_would", "What would the QoD request be for {purpose} on {device} with {server}[ {duration}]?"),
     _t("any_chance", "Any chance of a QoS boost for {device}? It's {purpose} against {server}[, {duration}]."),
     # lowercase, typos
@@ -282,7 +289,12 @@ EVAL_TEMPLATES: tuple[Template, ...] = (
     _t("ev_smoothly", "I'd like {purpose} to run smoothly between {device} and {server}[ {duration}]."),
     _t("ev_quick_one", "Quick one: {device} ⇄ {server}, {purpose}[, {duration}]."),
     _t("ev_our_app", "Our app does {purpose}. Please give {device} QoD towards {server}[ {duration}]."),
-    _t("ev_better_network", "can we get better network for {purpose}? {device} -> {server}[ {duration}]", lower=True),
+    _t(
+        "ev_better_network",
+        "can we get better network for {purpose}? {device} -> {server}[ {duration}]",
+        "terse",
+        lower=True,
+    ),
     _t(
         "ev_colon_commas",
         "device: {device_id}, server: {server_addr}[, use: {use}][, profile: {profile}][, duration: {length}]",
@@ -300,12 +312,12 @@ EVAL_TEMPLATES: tuple[Template, ...] = (
     _t("ev_boost_paren", "pls boost {device_id} ({task}) to {server_addr}[ for {length}]", "terse", lower=True),
     _t(
         "ev_target_source",
-        "Target {server_addr}, source {device_id}, activity: {task}[, lasting {length}].",
+        "Target {server_addr}, source {device_id}, activity: {task}[, lasting {length}]",
         "comma_colon",
     ),
     _t("ev_far_end", "We'll be doing {purpose}[ {duration}] from {device}; the far end is {server}."),
     _t("ev_make_sure", "Make sure {purpose} works well for {device} (talking to {server})[ {duration}]."),
-    _t("ev_set_up", "Set a QoD session up. {device} <-> {server}. Use: {task}.[ Time: {length}.]"),
+    _t("ev_set_up", "Set a QoD session up for {device} <-> {server}. Use: {task}.[ Time: {length}.]"),
     _t("ev_hoping", "Hoping you can prioritise {device} for {purpose} with {server}[ {duration}], cheers."),
     _t(
         "ev_config",
@@ -313,12 +325,15 @@ EVAL_TEMPLATES: tuple[Template, ...] = (
         "kv_comma",
     ),
     _t("ev_happening", "There's {purpose} happening on {device}, please give it priority to {server}[ {duration}]."),
-    _t("ev_double_dash", "priority request -- {task} -- {device_id} to {server_addr}[ -- {length}]", "dash", lower=True),
+    _t(
+        "ev_double_dash", "priority request -- {task} -- {device_id} to {server_addr}[ -- {length}]", "dash", lower=True
+    ),
 )
 """Held-out frames, used only for ``eval.jsonl``."""
 
 _OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
 _SLOT = re.compile(r"\{(\w+)\}")
+_CAPITALISED_OPENINGS = ("{purpose}", "{task}", "[{length}")
 
 
 def fill_frame(frame: str, slots: dict[str, str]) -> str:
@@ -368,5 +383,8 @@ def render_request(spec: RequestSpec, template: Template, rng: random.Random) ->
         "length": length,
     }
     text = fill_frame(template.frame, slots) + render_extras(items, template.extras, rng)
-    # Values are lowercase by construction, so lowering the text never changes a value.
-    return text.lower() if template.lower else text[:1].upper() + text[1:]
+    if template.lower:
+        return text.lower()  # values are lowercase by construction, so none changes
+    if template.frame.startswith(_CAPITALISED_OPENINGS):
+        return text[:1].upper() + text[1:]
+    return text  # frames open with their own wording, or with a value that must stay as it is

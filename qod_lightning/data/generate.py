@@ -1,0 +1,190 @@
+"""Generate the synthetic datasets: SFT pairs, preference triples and the held-out evaluation set.
+
+Each record samples a structured request (:func:`~qod_lightning.data.spec.sample_spec`), derives
+the canonical answer from it (:func:`canonical_request`) and renders the request text from a
+phrasing template. Training records (SFT, preferences) use :data:`TRAIN_TEMPLATES`; the evaluation
+set uses the disjoint :data:`EVAL_TEMPLATES`. A seed fixes every file byte for byte.
+
+Usage::
+
+    python -m qod_lightning.data.generate --out-dir data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qod_lightning.data.phrasing import USE_CASES
+from qod_lightning.data.prompts import SYSTEM_PROMPT, dump_request
+from qod_lightning.data.rejected import make_rejected
+from qod_lightning.data.spec import RequestSpec, canonical_request, sample_spec
+from qod_lightning.data.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES, Template, render_request
+
+__all__ = [
+    "canonical_request",
+    "generate_eval",
+    "generate_preferences",
+    "generate_sft",
+    "main",
+    "sample_examples",
+    "write_jsonl",
+]
+
+
+def sample_examples(n: int, seed: int, split: str, templates: tuple[Template, ...]) -> list[tuple[RequestSpec, str]]:
+    """Draw ``n`` request specs and render each with a random template.
+
+    Args:
+        n: Number of examples.
+        seed: Random seed.
+        split: Name mixed into the seed, so the splits draw different requests for one seed.
+        templates: The phrasings to draw from.
+
+    Returns:
+        ``(spec, request_text)`` pairs.
+
+    """
+    # String seeds hash with SHA-512, the same on every platform and Python run.
+    rng = random.Random(f"qod-{split}-{seed}")
+    examples = []
+    for _ in range(n):
+        spec = sample_spec(rng, USE_CASES)
+        examples.append((spec, render_request(spec, rng.choice(templates), rng)))
+    return examples
+
+
+def generate_sft(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Make supervised fine-tuning records.
+
+    Args:
+        n: Number of records.
+        seed: Random seed.
+
+    Returns:
+        ``{"instruction", "input", "response"}`` records; ``response`` is the compact canonical JSON.
+
+    """
+    return [
+        {"instruction": SYSTEM_PROMPT, "input": text, "response": dump_request(canonical_request(spec))}
+        for spec, text in sample_examples(n, seed, "sft", TRAIN_TEMPLATES)
+    ]
+
+
+def generate_preferences(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Make preference records pairing the canonical answer with a typical wrong one.
+
+    Args:
+        n: Number of records.
+        seed: Random seed.
+
+    Returns:
+        ``{"prompt", "chosen", "rejected"}`` records.
+
+    """
+    rng = random.Random(f"qod-rejected-{seed}")
+    records = []
+    for spec, text in sample_examples(n, seed, "preferences", TRAIN_TEMPLATES):
+        body = canonical_request(spec)
+        records.append({"prompt": text, "chosen": dump_request(body), "rejected": make_rejected(body, text, rng)})
+    return records
+
+
+def generate_eval(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Make evaluation records phrased with the held-out templates only.
+
+    Args:
+        n: Number of records.
+        seed: Random seed.
+
+    Returns:
+        ``{"input", "expected"}`` records; ``expected`` is the canonical body as a dict.
+
+    """
+    return [
+        {"input": text, "expected": canonical_request(spec)}
+        for spec, text in sample_examples(n, seed, "eval", EVAL_TEMPLATES)
+    ]
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records as UTF-8 JSON lines, atomically: readers see the old file or the new one.
+
+    Args:
+        path: Target file; its directory is created when missing.
+        records: The records.
+
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file sits in the target's directory so os.replace never crosses filesystems.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser.
+
+    Returns:
+        The parser.
+
+    """
+    parser = argparse.ArgumentParser(
+        prog="qod_lightning data generate",
+        description="Generate the synthetic SFT, preference and evaluation datasets (JSONL).",
+    )
+    parser.add_argument("--num-sft", type=_count, default=50, help="SFT records (default 50)")
+    parser.add_argument("--num-preferences", type=_count, default=30, help="preference records (default 30)")
+    parser.add_argument("--num-eval", type=_count, default=120, help="evaluation records (default 120)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out-dir", default="data", help="output directory (default data)")
+    parser.add_argument("--prefix", default="", help="file name prefix, e.g. 'big_' (default none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate ``{prefix}sft.jsonl``, ``{prefix}preferences.jsonl`` and ``{prefix}eval.jsonl``.
+
+    Args:
+        argv: Command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        The exit status.
+
+    """
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    outputs = {
+        "sft": generate_sft(args.num_sft, args.seed),
+        "preferences": generate_preferences(args.num_preferences, args.seed),
+        "eval": generate_eval(args.num_eval, args.seed),
+    }
+    for name, records in outputs.items():
+        path = out_dir / f"{args.prefix}{name}.jsonl"
+        write_jsonl(path, records)
+        print(f"wrote {len(records)} records to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The whole method in one command: base -> SFT -> DPO -> evaluation of all three -> comparison.
+
+``python -m qod_lightning pipeline --config configs/pipeline/embedded.yaml``. Every stage writes its
+artifact atomically and is skipped on a re-run when that artifact is complete; ``--force`` redoes
+everything. Each training stage is an ordinary LightningCLI run, also runnable alone with
+``python -m qod_lightning fit --config <stage config>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qod_lightning.artifacts import is_complete
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """What the pipeline runs (``configs/pipeline/*.yaml``).
+
+    Attributes:
+        model: Base model name or path (e.g. ``embedded:smollm2-135m``).
+        sft_config: LightningCLI config of the SFT stage.
+        dpo_config: LightningCLI config of the DPO stage.
+        eval_file: Held-out ``{"input", "expected"}`` records.
+        work_dir: Where adapters, reports and the comparison go.
+        constrained: Also evaluate every model with schema-constrained decoding.
+        max_eval_samples: Evaluate on the first N eval records only (``None``: all).
+        max_new_tokens: Generation budget per answer.
+        eval_batch_size: Requests per generation batch.
+        fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``).
+    """
+
+    model: str = "embedded:smollm2-135m"
+    sft_config: str = "configs/embedded_sft.yaml"
+    dpo_config: str = "configs/embedded_dpo.yaml"
+    eval_file: str = "data/eval.jsonl"
+    work_dir: str = "artifacts/embedded"
+    constrained: bool = True
+    max_eval_samples: int | None = None
+    max_new_tokens: int = 256
+    eval_batch_size: int = 16
+    fit_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        """Load a config with ``yaml.safe_load``; unknown keys are an error."""
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown pipeline setting(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None) -> list[str]:
+    work = Path(cfg.work_dir)
+    args = [
+        "fit",
+        "--config",
+        config,
+        f"--model.init_args.model.model_name_or_path={cfg.model}",
+        f"--model.init_args.output_dir={work / stage}",
+    ]
+    if adapter is not None:
+        args.append(f"--model.init_args.model.adapter_path={adapter}")
+    return [*args, *cfg.fit_args]
+
+
+def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
+    """Run SFT then DPO (each skipped when its final adapter is complete); return both adapters."""
+    from qod_lightning.cli import cli_main
+
+    sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
+    for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
+        if is_complete(output) and not force:
+            print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
+            continue
+        print(f"[pipeline] {stage}: fit --config {config}")
+        start = time.perf_counter()
+        cli_main(_stage_args(cfg, config, stage, adapter))
+        print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
+    return sft, dpo
+
+
+def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
+    """Evaluate every model (and constrained, if configured); reuse reports that exist."""
+    from qod_lightning.commands import evaluate_model
+
+    reports: dict[str, dict[str, Any]] = {}
+    modes = [False, True] if cfg.constrained else [False]
+    for name, path in models.items():
+        for constrained in modes:
+            label = f"{name}+constrained" if constrained else name
+            out = Path(cfg.work_dir) / "reports" / f"{label}.json"
+            if out.is_file() and not force:
+                print(f"[pipeline] evaluate {label}: {out} exists, skipping")
+                reports[label] = json.loads(out.read_text(encoding="utf-8"))
+                continue
+            print(f"[pipeline] evaluate {label} on {cfg.eval_file}")
+            reports[label] = evaluate_model(
+                path,
+                cfg.eval_file,
+                out,
+                constrained=constrained,
+                max_samples=cfg.max_eval_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+            )
+    return reports
+
+
+def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
+    """Run every stage; return the comparison directory."""
+    from qod_lightning.commands import write_comparison
+    from qod_lightning.model import resolve_model_path
+
+    start = time.perf_counter()
+    print(f"[pipeline] base model: {cfg.model}")
+    base = resolve_model_path(cfg.model)
+    sft, dpo = run_training(cfg, force)
+    reports = run_evaluations(cfg, {"base": base, "sft": str(sft), "dpo": str(dpo)}, force)
+    out_dir = Path(cfg.work_dir) / "comparison"
+    markdown = write_comparison(reports, out_dir)
+    print(markdown)
+    print(f"[pipeline] wrote {out_dir}/comparison.{{md,json,png}} in {time.perf_counter() - start:.0f} s total")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qod_lightning pipeline --config FILE [--force]``."""
+    parser = argparse.ArgumentParser(prog="qod_lightning pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/pipeline/embedded.yaml", help="pipeline YAML")
+    parser.add_argument("--force", action="store_true", help="redo stages whose artifacts exist")
+    parser.add_argument("--work-dir", help="override the config's work_dir")
+    parser.add_argument("--model", help="override the config's base model")
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N records only")
+    parser.add_argument("--no-constrained", action="store_true", help="skip constrained evaluation")
+    parser.add_argument("--fit-arg", action="append", default=[], help="extra LightningCLI argument (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = PipelineConfig.from_yaml(args.config)
+    except (OSError, ValueError, TypeError) as err:
+        parser.error(f"bad pipeline config: {err}")
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    if args.model:
+        cfg.model = args.model
+    if args.max_eval_samples is not None:
+        cfg.max_eval_samples = args.max_eval_samples
+    if args.no_constrained:
+        cfg.constrained = False
+    cfg.fit_args = [*cfg.fit_args, *args.fit_arg]
+    run_pipeline(cfg, force=args.force)
+    return 0
