@@ -135,7 +135,7 @@ def test_bad_sft_files_name_file_and_line(tmp_path, content, message):
 def test_non_utf8_and_bom(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": "ok"}\n{"a": "\xff"}\n')
-    with pytest.raises(DataError, match="x.jsonl:2: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"x\.jsonl:2: not valid UTF-8"):
         read_jsonl(path, {"a": str})
 
 
@@ -145,7 +145,7 @@ def test_chosen_equal_rejected_is_an_error(tiny_model_dir, tmp_path):
         [{"prompt": "a", "chosen": "{}", "rejected": "b"}, {"prompt": "a", "chosen": "{}", "rejected": "{}"}],
     )
     dm = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0)
-    with pytest.raises(DataError, match="p.jsonl:2: 'chosen' is identical"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: 'chosen' is identical"):
         dm.setup("fit")
 
 
