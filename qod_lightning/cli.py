@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -11,7 +12,15 @@ COMMANDS = {
     "validate": "run validation of a config's model and data",
     "test": "run the test loop of a config's model and data",
     "data": "dataset tools: data generate --num-sft N --seed S",
+    "translate": 'request -> validated CreateSession JSON: translate --model DIR "REQUEST"',
+    "evaluate": "score a model (or predictions) on an eval set: evaluate --model DIR --output report.json",
+    "compare": "compare models: compare --models base=P sft=P dpo=P --out-dir DIR",
+    "merge": "fold an adapter into its base: merge --adapter DIR --output DIR",
+    "pipeline": "SFT -> DPO -> merge -> evaluate -> compare: pipeline --config configs/pipeline/embedded.yaml",
 }
+
+INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge")
+"""Commands implemented in :mod:`qod_lightning.commands` (one module each)."""
 
 
 class QoDCLI(LightningCLI):
@@ -59,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         The process exit code.
 
     """
+    argv_from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("fit", "validate", "test", "predict"):
-        cli_main([command, *rest])
+        # From a real command line LightningCLI reads sys.argv itself (passing both warns).
+        cli_main(None if argv_from_sys else [command, *rest])
         return 0
     if command == "data":
         if not rest or rest[0] != "generate":
@@ -74,5 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         from qod_lightning.data.generate import main as generate_main
 
         return generate_main(rest[1:])
+    if command == "pipeline":
+        from qod_lightning.pipeline import main as pipeline_main
+
+        return pipeline_main(rest)
+    if command in INFERENCE_COMMANDS:
+        module = importlib.import_module(f"qod_lightning.commands.{command}")
+        return module.main(rest)
     print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2

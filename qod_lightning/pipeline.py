@@ -1,4 +1,4 @@
-"""The whole method in one command: base -> SFT -> DPO -> evaluation of all three -> comparison.
+"""The whole method in one command: base -> SFT -> DPO -> merge -> evaluation of all three -> comparison.
 
 ``python -m qod_lightning pipeline --config configs/pipeline/embedded.yaml``. Every stage writes its
 artifact atomically and is skipped on a re-run when that artifact is complete; ``--force`` redoes
@@ -31,6 +31,8 @@ class PipelineConfig:
         model: Base model name or path (e.g. ``embedded:smollm2-135m``).
         sft_config: LightningCLI config of the SFT stage.
         dpo_config: LightningCLI config of the DPO stage.
+        sft_train_file: SFT data replacing the stage config's (``None``: keep it).
+        dpo_train_file: Preference data replacing the stage config's (``None``: keep it).
         eval_file: Held-out ``{"input", "expected"}`` records.
         work_dir: Where adapters, reports and the comparison go.
         constrained: Also evaluate every model with schema-constrained decoding.
@@ -43,6 +45,8 @@ class PipelineConfig:
     model: str = "embedded:smollm2-135m"
     sft_config: str = "configs/embedded_sft.yaml"
     dpo_config: str = "configs/embedded_dpo.yaml"
+    sft_train_file: str | None = None
+    dpo_train_file: str | None = None
     eval_file: str = "data/eval.jsonl"
     work_dir: str = "artifacts/embedded"
     constrained: bool = True
@@ -72,6 +76,9 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
     ]
     if adapter is not None:
         args.append(f"--model.init_args.model.adapter_path={adapter}")
+    train_file = cfg.sft_train_file if stage == "sft" else cfg.dpo_train_file
+    if train_file:
+        args.append(f"--data.init_args.train_file={train_file}")
     return [*args, *cfg.fit_args]
 
 
@@ -93,7 +100,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
 
 def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
     """Evaluate every model (and constrained, if configured); reuse reports that exist."""
-    from qod_lightning.commands import evaluate_model
+    from qod_lightning.commands.evaluate import evaluate_model
 
     reports: dict[str, dict[str, Any]] = {}
     modes = [False, True] if cfg.constrained else [False]
@@ -118,15 +125,28 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
     return reports
 
 
+def run_merge(cfg: PipelineConfig, adapter: Path, force: bool) -> Path:
+    """Merge the DPO adapter into a standalone model directory (skipped when complete)."""
+    from qod_lightning.commands.merge import merge_adapter
+
+    merged = Path(cfg.work_dir) / "merged"
+    if is_complete(merged) and not force:
+        print(f"[pipeline] merge: {merged} is complete, skipping")
+        return merged
+    print(f"[pipeline] merge: {adapter} -> {merged}")
+    return merge_adapter(adapter, merged)
+
+
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     """Run every stage; return the comparison directory."""
-    from qod_lightning.commands import write_comparison
+    from qod_lightning.commands.compare import write_comparison
     from qod_lightning.model import resolve_model_path
 
     start = time.perf_counter()
     print(f"[pipeline] base model: {cfg.model}")
     base = resolve_model_path(cfg.model)
     sft, dpo = run_training(cfg, force)
+    run_merge(cfg, dpo, force)
     reports = run_evaluations(cfg, {"base": base, "sft": str(sft), "dpo": str(dpo)}, force)
     out_dir = Path(cfg.work_dir) / "comparison"
     markdown = write_comparison(reports, out_dir)

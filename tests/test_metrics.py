@@ -33,9 +33,7 @@ EXP_A = {
     "qosProfile": "QOS_E",
     "duration": 3600,
 }
-REQ_A = (
-    "Give my phone +4915112345678 the lowest latency to the game server at 198.51.100.7 for 1 hour."
-)
+REQ_A = "Give my phone +4915112345678 the lowest latency to the game server at 198.51.100.7 for 1 hour."
 PRED_A = json.dumps(
     {
         "duration": 3600,
@@ -69,9 +67,7 @@ EXP_C = {
     "qosProfile": "QOS_M",
     "duration": 7200,
 }
-REQ_C = (
-    "Medium throughput for two hours: +447700900123, device ports 5000 to 5010, server 2001:db8::10"
-)
+REQ_C = "Medium throughput for two hours: +447700900123, device ports 5000 to 5010, server 2001:db8::10"
 PRED_C = json.dumps({**EXP_C, "device": {"phoneNumber": "+447700900123", "name": "Alice's phone"}})
 
 # D: schema-valid, but the server address is not in the request.
@@ -92,9 +88,7 @@ EXP_E = {
     "duration": 900,
     "webhook": {"notificationUrl": "https://hooks.example.org/qod"},
 }
-REQ_E = (
-    "Low latency for +33612345678 to 192.0.2.44 for 15 minutes, tell https://hooks.example.org/qod"
-)
+REQ_E = "Low latency for +33612345678 to 192.0.2.44 for 15 minutes, tell https://hooks.example.org/qod"
 PRED_E = "Sorry, I can't help with that request."
 
 # F: broken JSON (trailing comma inside, outer object never closed): nothing parses.
@@ -122,9 +116,7 @@ REQ_G = (
     "callbacks to https://example.net/events"
 )
 PRED_G = (
-    "Here is the request:\n```json\n"
-    + json.dumps(EXP_G, indent=2)
-    + "\n```\nLet me know if you need anything else."
+    "Here is the request:\n```json\n" + json.dumps(EXP_G, indent=2) + "\n```\nLet me know if you need anything else."
 )
 
 # H: parses, schema-invalid (bad profile, duration as a string), drops devicePorts; invents nothing.
@@ -207,9 +199,7 @@ def _hand_results() -> dict[str, Any]:
 
 def test_per_example_verdicts_by_hand() -> None:
     rows = per_example_verdicts(PREDICTIONS, REQUESTS, EXPECTED)
-    got = [
-        (r["parses"], r["valid"], r["hallucinated"], r["exact"], r["wrong_fields"]) for r in rows
-    ]
+    got = [(r["parses"], r["valid"], r["hallucinated"], r["exact"], r["wrong_fields"]) for r in rows]
     assert got == [
         (True, True, False, True, []),
         (True, True, False, False, ["qosProfile"]),
@@ -330,15 +320,11 @@ def test_score_predictions_is_json_ready_and_matches_the_metrics() -> None:
     assert report == HAND_REPORT
     single = _compute_all([slice(None)])
     assert report == single["all"]
-    assert {k: report[k] for k in METRIC_CLASSES if k != "all"} == {
-        k: v for k, v in single.items() if k != "all"
-    }
+    assert {k: report[k] for k in METRIC_CLASSES if k != "all"} == {k: v for k, v in single.items() if k != "all"}
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         # Uneven halves, the first in two updates: sync must sum counts, not average rates.
         batches = [slice(0, 2), slice(2, 5)] if rank == 0 else [slice(5, None)]

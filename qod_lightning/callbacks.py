@@ -1,0 +1,165 @@
+"""Evaluate what the model generates, not only its loss, during training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from qod_lightning.data.jsonl import read_jsonl
+from qod_lightning.generation import generate
+from qod_lightning.metrics import per_example_verdicts, score_predictions
+
+EVAL_RECORD = {"input": str, "expected": dict}
+
+
+class GenerationEvaluation(L.Callback):
+    """Generate answers for an evaluation set and log the QoD metrics under ``gen/``.
+
+    Runs at the end of every ``every_n_epochs``-th validation epoch (not in the sanity check) and
+    at the end of testing. Logs each metric of :func:`~qod_lightning.metrics.score_predictions` as
+    ``gen/<name>`` (``gen/field_accuracy/<field>`` per field) and ``gen/constrained``, and, with a
+    TensorBoard logger, a markdown table of sample requests, outputs and verdicts. Under DDP only
+    rank 0 generates; the figures are broadcast so every rank logs the same values (and monitors
+    such as ``ModelCheckpoint(monitor="gen/spec_compliance")`` work on all ranks).
+
+    The model is the module's ``model`` attribute; the tokenizer and prompt format come from the
+    trainer's data module (``tokenizer`` and ``hparams.prompt_format``), so prompts are the ones
+    training used.
+
+    Args:
+        eval_file: JSONL of ``{"input", "expected"}`` records.
+        every_n_epochs: Evaluate every N validation epochs.
+        max_samples: Use only the first N records (all when ``None``).
+        max_new_tokens: Tokens generated per answer.
+        batch_size: Requests per generation batch.
+        constrained: Grammar-constrained decoding.
+        num_table_rows: Samples in the TensorBoard table.
+
+    """
+
+    def __init__(
+        self,
+        eval_file: str = "data/eval.jsonl",
+        every_n_epochs: int = 1,
+        max_samples: int | None = None,
+        max_new_tokens: int = 512,
+        batch_size: int = 8,
+        constrained: bool = False,
+        num_table_rows: int = 8,
+    ) -> None:
+        if every_n_epochs < 1 or (max_samples is not None and max_samples < 1):
+            raise ValueError(f"every_n_epochs and max_samples must be >= 1, got {every_n_epochs}, {max_samples}")
+        self.eval_file = eval_file
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.constrained = constrained
+        self.num_table_rows = num_table_rows
+        self.records: list[dict[str, Any]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read the evaluation set, so a bad file fails before training, not after an epoch."""
+        self.records = read_jsonl(self.eval_file, EVAL_RECORD)[: self.max_samples]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate after every ``every_n_epochs``-th validation epoch."""
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._evaluate(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate at the end of testing."""
+        self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        figures: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            predictions = self._generate(trainer, pl_module)
+            figures = self._figures(predictions)
+            self._write_table(trainer, predictions)
+        figures = trainer.strategy.broadcast(figures, src=0)
+        for name, value in figures.items():
+            pl_module.log(name, value, sync_dist=False)
+
+    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "tokenizer"):
+            raise RuntimeError("GenerationEvaluation needs a data module with a `tokenizer` (SFT or DPO data)")
+        model = pl_module.model
+        was_training = model.training
+        model.eval()  # no dropout while generating (generate itself runs without autograd)
+        try:
+            return generate(
+                model,
+                datamodule.tokenizer,
+                [r["input"] for r in self.records],
+                prompt_format=datamodule.hparams.prompt_format,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                constrained=self.constrained,
+            )
+        finally:
+            model.train(was_training)
+
+    def _figures(self, predictions: list[str]) -> dict[str, float]:
+        report = score_predictions(
+            predictions, [r["input"] for r in self.records], [r["expected"] for r in self.records]
+        )
+        figures: dict[str, float] = {"gen/constrained": float(self.constrained)}
+        for key, value in report.items():
+            if isinstance(value, dict):
+                figures.update({f"gen/{key}/{field}": float(v) for field, v in value.items()})
+            else:
+                figures[f"gen/{key}"] = float(value)
+        return figures
+
+    def _write_table(self, trainer: L.Trainer, predictions: list[str]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or not self.num_table_rows:
+            return
+        rows = self.records[: self.num_table_rows]
+        outputs = predictions[: self.num_table_rows]
+        verdicts = per_example_verdicts(outputs, [r["input"] for r in rows], [r["expected"] for r in rows])
+        table = samples_table([r["input"] for r in rows], outputs, verdicts)
+        for logger in loggers:
+            logger.experiment.add_text("gen/samples", table, global_step=trainer.global_step)
+
+
+def _verdict(verdict: dict[str, Any]) -> str:
+    if verdict["exact"]:
+        return "exact match"
+    if not verdict["parses"]:
+        return "no JSON"
+    parts = ["valid" if verdict["valid"] else "invalid"]
+    if verdict["hallucinated"]:
+        parts.append("hallucinated")
+    if verdict["wrong_fields"]:
+        parts.append("wrong " + ", ".join(verdict["wrong_fields"]))
+    return "; ".join(parts)
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    """Text that stays inside one markdown table cell."""
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def samples_table(requests: list[str], outputs: list[str], verdicts: list[dict[str, Any]]) -> str:
+    """A markdown table of request | output | verdict rows (TensorBoard renders it).
+
+    Args:
+        requests: Request texts.
+        outputs: Raw model outputs, aligned with ``requests``.
+        verdicts: :func:`~qod_lightning.metrics.per_example_verdicts` rows, aligned too.
+
+    Returns:
+        The markdown.
+
+    """
+    lines = ["| request | output | verdict |", "|---|---|---|"]
+    for request, output, verdict in zip(requests, outputs, verdicts, strict=True):
+        lines.append(f"| {_cell(request)} | {_cell(output)} | {_cell(_verdict(verdict))} |")
+    return "\n".join(lines)

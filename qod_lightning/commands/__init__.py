@@ -1,0 +1,12 @@
+"""Inference commands: ``translate``, ``evaluate``, ``compare`` and ``merge``, one module each.
+
+Each command module has ``build_parser()`` and ``main(argv) -> int``. Expected failures (a missing
+file, a malformed dataset, an unloadable model) end in one ``error: ...`` line on stderr and a
+nonzero exit status, never a traceback. The functions below are the library side that the
+pipeline (:mod:`qod_lightning.pipeline`) calls.
+"""
+
+from qod_lightning.commands.compare import write_comparison
+from qod_lightning.commands.evaluate import evaluate_model
+
+__all__ = ["evaluate_model", "write_comparison"]

@@ -1,0 +1,259 @@
+"""``evaluate``: generate answers for an evaluation set (or take existing ones) and score them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from qod_lightning.artifacts import atomic_write_text
+from qod_lightning.commands.common import (
+    CommandError,
+    add_generation_arguments,
+    check_model_path,
+    existing_file,
+    generation_kwargs,
+    positive_int,
+    run,
+)
+from qod_lightning.data.jsonl import DataError, read_jsonl
+from qod_lightning.data.tokenize import PromptFormat
+from qod_lightning.metrics import score_predictions
+
+EVAL_RECORD = {"input": str, "expected": dict}
+"""An evaluation record: the request and its canonical answer."""
+PREDICTION_KEYS = {"input": str, "expected": dict, "prediction": str}
+"""A scored-prediction record (what :func:`write_predictions` writes)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser.
+
+    Returns:
+        The parser.
+
+    """
+    parser = argparse.ArgumentParser(
+        prog="qod_lightning evaluate",
+        description="Score a model on an evaluation set, or score existing predictions.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="adapter directory, merged model directory or hub id")
+    source.add_argument("--predictions", help='JSONL of {"input", "expected", "prediction"} records to score')
+    parser.add_argument("--data", default="data/eval.jsonl", help='JSONL of {"input", "expected"} records')
+    parser.add_argument("--output", required=True, help="report JSON (predictions go beside it)")
+    parser.add_argument("--constrained", action="store_true", help="grammar-constrained decoding (xgrammar)")
+    parser.add_argument("--max-samples", type=positive_int, help="evaluate only the first N records")
+    add_generation_arguments(parser)
+    return parser
+
+
+def load_eval_records(path: str, max_samples: int | None = None) -> list[dict[str, Any]]:
+    """Read ``{"input", "expected"}`` records, the first ``max_samples`` of them when given."""
+    records = read_jsonl(existing_file(path, "evaluation data"), EVAL_RECORD)
+    return records[:max_samples] if max_samples else records
+
+
+def read_predictions(path: str) -> list[dict[str, Any]]:
+    """Read scored-prediction records.
+
+    Unlike :func:`~qod_lightning.data.jsonl.read_jsonl`, an empty ``prediction`` is accepted: a
+    model that stops at once produced it, and it must count as a failure, not abort the scoring.
+    Other keys are ignored.
+
+    Raises:
+        DataError: On malformed JSON or a missing or wrongly typed key.
+
+    """
+    records = []
+    lines = existing_file(path, "predictions file").read_text(encoding="utf-8-sig").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, f"malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+        for key, kind in PREDICTION_KEYS.items():
+            if not isinstance(record.get(key), kind):
+                raise DataError(path, number, f"key {key!r} must be a {kind.__name__}")
+        records.append(record)
+    if not records:
+        raise DataError(path, None, "file has no records")
+    return records
+
+
+def score_report(records: list[dict[str, Any]], predictions: list[str], **details: Any) -> dict[str, Any]:
+    """Score predictions and add the run's details.
+
+    Args:
+        records: ``{"input", "expected"}`` records.
+        predictions: Raw answers, aligned with ``records``.
+        **details: Added to the report as given (model, settings, wall time...).
+
+    Returns:
+        :func:`~qod_lightning.metrics.score_predictions`'s keys followed by ``details``.
+
+    """
+    scores = score_predictions(predictions, [r["input"] for r in records], [r["expected"] for r in records])
+    return {**scores, **details}
+
+
+def evaluate_model(
+    model: str,
+    data: str | Path,
+    output: str | Path,
+    *,
+    constrained: bool = False,
+    max_samples: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    prompt_format: PromptFormat = "alpaca",
+    do_sample: bool = False,
+    temperature: float = 0.3,
+    max_input_tokens: int = 1024,
+    load_in_4bit: bool = False,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Generate answers for an evaluation set with one model, score them, and write the report.
+
+    The report goes to ``output`` and the predictions beside it (:func:`predictions_path`), both
+    written atomically.
+
+    Args:
+        model: Adapter directory, merged model directory, hub id or ``embedded:NAME``.
+        data: JSONL of ``{"input", "expected"}`` records.
+        output: The report JSON.
+        constrained: Grammar-constrained decoding.
+        max_samples: Evaluate only the first N records.
+        max_new_tokens: Tokens generated per answer.
+        batch_size: Requests per generation batch.
+        prompt_format: ``alpaca`` or ``chat``, as in training.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature.
+        max_input_tokens: Longest prompt kept, in tokens.
+        load_in_4bit: Load the base weights in 4-bit NF4.
+        dtype: Dtype of the non-quantized weights.
+
+    Returns:
+        The report: :func:`~qod_lightning.metrics.score_predictions`'s keys, then ``model``,
+        ``constrained``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``data`` and
+        ``wall_time_s`` (loading, generating and scoring).
+
+    """
+    import torch
+
+    from qod_lightning.generation import generate, load_for_inference
+
+    start = time.perf_counter()
+    records = load_eval_records(str(data), max_samples)
+    loaded, tokenizer = load_for_inference(check_model_path(model), load_in_4bit=load_in_4bit, dtype=dtype)
+    predictions = generate(
+        loaded,
+        tokenizer,
+        [r["input"] for r in records],
+        prompt_format=prompt_format,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        constrained=constrained,
+        max_input_tokens=max_input_tokens,
+    )
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next model of a comparison needs the memory
+    report = score_report(
+        records,
+        predictions,
+        model=model,
+        constrained=constrained,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        data=str(data),
+        wall_time_s=round(time.perf_counter() - start, 3),
+    )
+    write_predictions(predictions_path(output), records, predictions)
+    atomic_write_text(output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def predictions_path(report_path: str | Path) -> Path:
+    """``report.json`` -> ``report.predictions.jsonl`` (beside it)."""
+    return Path(report_path).with_suffix(".predictions.jsonl")
+
+
+def write_predictions(path: str | Path, records: list[dict[str, Any]], predictions: list[str]) -> Path:
+    """Write ``{"input", "expected", "prediction"}`` records atomically (what ``--predictions`` reads)."""
+    lines = [
+        json.dumps({"input": r["input"], "expected": r["expected"], "prediction": p}, ensure_ascii=False) + "\n"
+        for r, p in zip(records, predictions, strict=True)
+    ]
+    return atomic_write_text(path, "".join(lines))
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as two aligned columns, field accuracies flattened to ``field_accuracy/<field>``."""
+    rows: list[tuple[str, str]] = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}/{field}", _cell(v)) for field, v in value.items()]
+        else:
+            rows.append((key, _cell(value)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.predictions is None:
+        report = evaluate_model(
+            args.model,
+            args.data,
+            args.output,
+            constrained=args.constrained,
+            max_samples=args.max_samples,
+            load_in_4bit=args.four_bit,
+            dtype=args.dtype,
+            **generation_kwargs(args),
+        )
+        print(f"wrote {predictions_path(args.output)}")
+    else:
+        if args.constrained or args.max_samples:
+            raise CommandError("--constrained and --max-samples apply to --model, not --predictions")
+        start = time.perf_counter()
+        records = read_predictions(args.predictions)
+        # The same keys as a generated report; how the predictions were made is unknown here.
+        unknown = dict.fromkeys(("model", "constrained", "max_new_tokens", "do_sample", "temperature"))
+        report = score_report(
+            records,
+            [r["prediction"] for r in records],
+            **unknown,
+            data=args.predictions,
+            wall_time_s=round(time.perf_counter() - start, 3),
+        )
+        atomic_write_text(args.output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(report))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``evaluate``.
+
+    Args:
+        argv: Arguments after the command name.
+
+    Returns:
+        The exit status.
+
+    """
+    return run(build_parser(), _evaluate, argv)

