@@ -267,6 +267,8 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory
     from qod_lightning.artifacts import atomic_directory
 
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # LoRA never touches the embeddings; saying so stops PEFT from looking up the base's
+        # config by name (which fails for ``embedded:`` names and hub ids offline).
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
     return Path(directory)

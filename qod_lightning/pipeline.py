@@ -51,7 +51,7 @@ class PipelineConfig:
     work_dir: str = "artifacts/embedded"
     constrained: bool = True
     max_eval_samples: int | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int = 192
     eval_batch_size: int = 16
     fit_args: list[str] = field(default_factory=list)
 

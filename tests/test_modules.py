@@ -117,3 +117,29 @@ def test_short_dpo_run_raises_accuracy_and_margin(tiny_model_dir, small_data, tm
     # At step 0 the policy equals the reference: every margin is 0 and accuracy 0.
     assert accuracy > 0.9 and margin > 0.5
     assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
+
+
+def _poisoned_sft(tiny_model_dir, tmp_path, skip):
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"), skip_nonfinite=skip)
+    with torch.no_grad():
+        next(p for n, p in module.named_parameters() if "lora_A" in n).fill_(float("nan"))
+        next(p for n, p in module.named_parameters() if "lora_B" in n).fill_(1.0)
+    return module
+
+
+def test_nonfinite_loss_stops_with_step_and_batch(tiny_model_dir, small_data, tmp_path):
+    import pytest
+
+    module = _poisoned_sft(tiny_model_dir, tmp_path, skip=False)
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    with pytest.raises(FloatingPointError, match="global step 0, epoch 0, batch 0"):
+        trainer(tmp_path, max_steps=2).fit(module, dm)
+
+
+def test_nonfinite_loss_can_skip_batches(tiny_model_dir, small_data, tmp_path):
+    import pytest
+
+    module = _poisoned_sft(tiny_model_dir, tmp_path, skip=True)
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    with pytest.warns(UserWarning, match="skipping batch with non-finite loss"):
+        trainer(tmp_path, max_steps=2, limit_train_batches=2).fit(module, dm)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import response_logps, sequence_logps
+from qod_lightning.model import load_tokenizer, save_adapter
 
 
 def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +103,16 @@ class Throughput:
         return rate
 
 
+def save_module_adapter(module: Any, name: str) -> Path | None:
+    """Write ``module.model``'s adapter and the tokenizer to ``output_dir/name`` (rank zero only)."""
+    if not module.trainer.is_global_zero:
+        return None
+    tokenizer = getattr(module.trainer.datamodule, "tokenizer", None) or load_tokenizer(
+        module.settings.model_name_or_path
+    )
+    return save_adapter(module.model, tokenizer, Path(module.hparams.output_dir) / name)
+
+
 def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
     """Keep only trainable tensors (and buffers we own) in a Lightning checkpoint.
 
@@ -110,3 +124,27 @@ def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> 
     for key in list(state):
         if key.startswith("model.") and key not in trainable:
             del state[key]
+
+
+def finish_training_step(
+    module: Any, loss: torch.Tensor, batch: dict[str, torch.Tensor], batch_idx: int
+) -> torch.Tensor | None:
+    """Refuse a non-finite loss and log response tokens per second.
+
+    A NaN or infinite loss stops the run with the step and batch that produced it, unless the
+    module was built with ``skip_nonfinite=True``: then the batch is skipped (Lightning skips the
+    backward pass and optimizer step for a ``None`` loss) with a warning.
+
+    Returns:
+        The loss, or ``None`` to skip the batch.
+    """
+    if not torch.isfinite(loss):
+        where = f"global step {module.global_step}, epoch {module.current_epoch}, batch {batch_idx}"
+        if not module.hparams.skip_nonfinite:
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at {where}; set skip_nonfinite to skip")
+        rank_zero_warn(f"skipping batch with non-finite loss ({loss.item()}) at {where}")
+        return None
+    rate = module._throughput.update(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    if rate is not None:
+        module.log("train/tokens_per_sec", rate, batch_size=1)
+    return loss

@@ -17,14 +17,14 @@ from qod_lightning.model import (
     ModelSettings,
     build_model,
     count_parameters,
-    load_tokenizer,
-    save_adapter,
 )
 from qod_lightning.modules.common import (
     Throughput,
     batch_logps,
     configure_optimization,
     drop_frozen_weights,
+    finish_training_step,
+    save_module_adapter,
 )
 
 
@@ -49,7 +49,7 @@ class DPOModule(L.LightningModule):
         optimizer: Built over the LoRA parameters.
         scheduler: Per-step LR schedule (optional).
         output_dir: The DPO adapter goes to ``output_dir/final`` at the end of fit.
-
+        skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
     """
 
     def __init__(
@@ -60,6 +60,7 @@ class DPOModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str = "artifacts/dpo",
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         if beta <= 0:
@@ -155,13 +156,9 @@ class DPOModule(L.LightningModule):
         self.log_dict(metrics, batch_size=n, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One micro-batch of pairs; also logs response tokens per second."""
-        loss = self._shared_step(batch, "train")
-        rate = self._throughput.update(int((batch["labels"][:, 1:] != -100).sum()))
-        if rate is not None:
-            self.log("train/tokens_per_sec", rate, batch_size=1)
-        return loss
+        return finish_training_step(self, self._shared_step(batch, "train"), batch, batch_idx)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """DPO loss and rewards on held-out pairs."""
@@ -173,12 +170,7 @@ class DPOModule(L.LightningModule):
 
     def save_adapter(self, name: str) -> Path | None:
         """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
-        if not self.trainer.is_global_zero:
-            return None
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
-            self.settings.model_name_or_path
-        )
-        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
+        return save_module_adapter(self, name)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected optimizer and scheduler."""

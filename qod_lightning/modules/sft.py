@@ -16,14 +16,14 @@ from qod_lightning.model import (
     ModelSettings,
     build_model,
     count_parameters,
-    load_tokenizer,
-    save_adapter,
 )
 from qod_lightning.modules.common import (
     Throughput,
     batch_logps,
     configure_optimization,
     drop_frozen_weights,
+    finish_training_step,
+    save_module_adapter,
 )
 
 
@@ -45,7 +45,7 @@ class SFTModule(L.LightningModule):
         scheduler: Per-step LR schedule (optional).
         output_dir: Adapters (PEFT format + tokenizer) go to ``output_dir/final`` at the end of fit
             and ``output_dir/best`` whenever the validation loss improves.
-
+        skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
     """
 
     def __init__(
@@ -54,6 +54,7 @@ class SFTModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str = "artifacts/sft",
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -89,13 +90,9 @@ class SFTModule(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One micro-batch; also logs target tokens per second."""
-        loss = self._shared_step(batch, "train")
-        rate = self._throughput.update(int((batch["labels"][:, 1:] != -100).sum()))
-        if rate is not None:
-            self.log("train/tokens_per_sec", rate, batch_size=1)
-        return loss
+        return finish_training_step(self, self._shared_step(batch, "train"), batch, batch_idx)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Accumulates token-weighted NLL for the epoch."""
@@ -129,12 +126,7 @@ class SFTModule(L.LightningModule):
 
     def save_adapter(self, name: str) -> Path | None:
         """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
-        if not self.trainer.is_global_zero:
-            return None
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
-            self.settings.model_name_or_path
-        )
-        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
+        return save_module_adapter(self, name)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected optimizer and scheduler."""
