@@ -12,7 +12,9 @@ from qod_lightning.embedded import is_available
 REPO = Path(__file__).resolve().parents[1]
 
 
-def smoke_config(tmp_path, model: str, small_data, eval_records: int, max_new_tokens: int) -> Path:
+def smoke_config(
+    tmp_path, model: str, small_data, eval_records: int, max_new_tokens: int, constrained: bool = True
+) -> Path:
     eval_file = tmp_path / "eval.jsonl"
     lines = (REPO / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()[:eval_records]
     eval_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -24,7 +26,7 @@ def smoke_config(tmp_path, model: str, small_data, eval_records: int, max_new_to
         "dpo_train_file": str(small_data["preferences"]),
         "eval_file": str(eval_file),
         "work_dir": str(tmp_path / "work"),
-        "constrained": True,
+        "constrained": constrained,
         "max_new_tokens": max_new_tokens,
         "eval_batch_size": 4,
         "fit_args": [
@@ -52,7 +54,7 @@ def event_tags(log_dir: Path) -> set[str]:
     return tags
 
 
-def check_artifacts(tmp_path: Path, constrained_complete: bool) -> None:
+def check_artifacts(tmp_path: Path, constrained: bool) -> None:
     from peft import PeftModel  # noqa: F401  (adapters load through PEFT)
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +68,12 @@ def check_artifacts(tmp_path: Path, constrained_complete: bool) -> None:
         assert type(model).__name__.startswith("Peft")
     assert is_complete(work / "merged")
     AutoModelForCausalLM.from_pretrained(work / "merged")
-    for label in ("base", "sft", "dpo", "base+constrained", "sft+constrained", "dpo+constrained"):
+    labels = ["base", "sft", "dpo"]
+    labels += [f"{name}+constrained" for name in labels] if constrained else []
+    for label in labels:
         report = json.loads((work / "reports" / f"{label}.json").read_text())
         assert report["n"] > 0 and report["constrained"] == label.endswith("+constrained")
-        if report["constrained"] and constrained_complete:
+        if report["constrained"]:
             assert report["json_validity"] == 1.0 and report["spec_compliance"] == 1.0
     for suffix in ("md", "json", "png"):
         assert (work / "comparison" / f"comparison.{suffix}").stat().st_size > 0
@@ -85,7 +89,7 @@ def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, caps
     assert main(["pipeline", "--config", str(config)]) == 0
     assert "dpo+constrained" in capsys.readouterr().out
     # The grammar ends every answer within 600 tokens, so constrained answers all parse and pass.
-    check_artifacts(tmp_path, constrained_complete=True)
+    check_artifacts(tmp_path, constrained=True)
     # A re-run skips every finished stage.
     assert main(["pipeline", "--config", str(config)]) == 0
     assert capsys.readouterr().out.count("skipping") == 9
@@ -97,6 +101,9 @@ def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, caps
 def test_pipeline_smoke_on_embedded_model(small_data, tmp_path):
     from qod_lightning.cli import main
 
-    config = smoke_config(tmp_path, "embedded:smollm2-135m", small_data, eval_records=2, max_new_tokens=64)
+    config = smoke_config(
+        tmp_path, "embedded:smollm2-135m", small_data, eval_records=2, max_new_tokens=64, constrained=False
+    )
     assert main(["pipeline", "--config", str(config)]) == 0
-    check_artifacts(tmp_path, constrained_complete=False)  # 64 tokens may cut a constrained answer
+    # Constrained decoding is covered on the tiny model; here it would only add 3 grammar builds.
+    check_artifacts(tmp_path, constrained=False)
