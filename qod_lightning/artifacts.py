@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -60,3 +61,36 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def is_complete(directory: str | Path) -> bool:
     """Whether ``directory`` is a finished artifact written by :func:`atomic_directory`."""
     return (Path(directory) / COMPLETE_MARKER).is_file()
+
+
+def check_writable(directory: str | Path, needed_bytes: int) -> None:
+    """Fail early if ``directory`` cannot take ``needed_bytes`` of artifacts.
+
+    Creates the directory, writes and removes a probe file, and compares the free space with the
+    need, so that a training run learns about a read-only or full disk before hours of work
+    rather than when it first saves.
+
+    Args:
+        directory: Where artifacts will be written.
+        needed_bytes: A conservative estimate of what will be written there.
+
+    Raises:
+        PermissionError: The directory cannot be created or written.
+        OSError: Not enough free space (``errno.ENOSPC``).
+
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(f"cannot write to {directory}: {error.strerror or error}") from error
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"{directory}: {free / 2**20:.0f} MiB free, about {needed_bytes / 2**20:.0f} MiB needed for adapters "
+            "and checkpoints",
+        )

@@ -65,7 +65,7 @@ class PipelineConfig:
         return cls(**data)
 
 
-def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None) -> list[str]:
+def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None, resume: bool) -> list[str]:
     work = Path(cfg.work_dir)
     args = [
         "fit",
@@ -73,7 +73,11 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
         config,
         f"--model.init_args.model.model_name_or_path={cfg.model}",
         f"--model.init_args.output_dir={work / stage}",
+        # jsonargparse applies a list item's option to the last item: the stage configs' ModelCheckpoint.
+        f"--trainer.callbacks.dirpath={work / stage / 'checkpoints'}",
     ]
+    if resume:
+        args.append("--ckpt_path=last")
     if adapter is not None:
         args.append(f"--model.init_args.model.adapter_path={adapter}")
     train_file = cfg.sft_train_file if stage == "sft" else cfg.dpo_train_file
@@ -83,7 +87,11 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
 
 
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
-    """Run SFT then DPO (each skipped when its final adapter is complete); return both adapters."""
+    """Run SFT then DPO; return both adapters.
+
+    A stage whose final adapter is complete is skipped; one that was interrupted resumes from its
+    last checkpoint (``--force`` starts both afresh).
+    """
     from qod_lightning.cli import cli_main
 
     sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
@@ -91,9 +99,11 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
         if is_complete(output) and not force:
             print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
             continue
-        print(f"[pipeline] {stage}: fit --config {config}")
+        last = Path(cfg.work_dir) / stage / "checkpoints" / "last.ckpt"
+        resume = last.is_file() and not force
+        print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
-        cli_main(_stage_args(cfg, config, stage, adapter))
+        cli_main(_stage_args(cfg, config, stage, adapter, resume))
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
     return sft, dpo
 

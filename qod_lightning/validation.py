@@ -15,7 +15,7 @@ from typing import Any
 
 from jsonschema.exceptions import ValidationError
 
-from qod_lightning.extraction import extract_json
+from qod_lightning.extraction import extract_json, find_json_object
 from qod_lightning.schema import ALL_SPEC_KEYS, DEFINED_KEYS, VALIDATOR
 
 CHECKS: tuple[str, ...] = (
@@ -280,3 +280,33 @@ def validate_request(output: str | dict[str, Any], request: str | None = None) -
     checks = {name: CheckResult(name, not errs, tuple(errs)) for name, errs in found.items()}
     values = tuple(value_hallucinations(obj, request)) if request is not None else ()
     return ValidationReport(obj, checks, tuple(hallucinated), values)
+
+
+def answer_problem(answer: str | dict[str, Any], request: str | None = None) -> str | None:
+    """Say why a training or reference answer is not a bare, valid request (``None`` when it is).
+
+    Stricter than :func:`validate_request`, which tolerates text around the object a model wrote:
+    a dataset's answer must be the JSON object alone, pass all seven checks and, given the
+    request, invent no value.
+
+    Args:
+        answer: The answer text, or an already parsed object.
+        request: The user's request text; enables the value-hallucination check.
+
+    Returns:
+        The first problem found, or ``None``.
+
+    """
+    if isinstance(answer, str):
+        found = find_json_object(answer)
+        if found is None:
+            return "no JSON object"
+        if answer[: found[1]].strip() or answer[found[2] :].strip():
+            return "text around the JSON object"
+        answer = found[0]
+    report = validate_request(answer, request)
+    if not report.valid:
+        return report.errors[0]
+    if report.hallucinated_values:
+        return f"hallucinated value: {report.hallucinated_values[0]}"
+    return None

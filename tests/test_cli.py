@@ -35,6 +35,8 @@ def tiny_overrides(tiny_model_dir, tmp_path, small_data, config: Path, four_bit:
         str(tmp_path / "logs"),
         "--trainer.default_root_dir",
         str(tmp_path / "logs"),
+        "--trainer.callbacks.dirpath",  # the configs' ModelCheckpoint is their last callback
+        str(tmp_path / config.stem / "checkpoints"),
         "--trainer.max_steps",
         "2",
         "--trainer.limit_val_batches",

@@ -143,3 +143,78 @@ def test_nonfinite_loss_can_skip_batches(tiny_model_dir, small_data, tmp_path):
     dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
     with pytest.warns(UserWarning, match="skipping batch with non-finite loss"):
         trainer(tmp_path, max_steps=2, limit_train_batches=2).fit(module, dm)
+
+
+def _nan_gradient_sft(tiny_model_dir, tmp_path, skip):
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"), skip_nonfinite=skip)
+    lora_a = next(p for n, p in module.named_parameters() if "lora_A" in n)
+    lora_a.register_hook(lambda grad: torch.full_like(grad, float("nan")))  # finite loss, NaN gradient
+    return module
+
+
+def test_nonfinite_gradient_stops_with_step(tiny_model_dir, small_data, tmp_path):
+    import pytest
+
+    module = _nan_gradient_sft(tiny_model_dir, tmp_path, skip=False)
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    with pytest.raises(FloatingPointError, match="non-finite gradient at global step 0, epoch 0"):
+        trainer(tmp_path, max_steps=2).fit(module, dm)
+
+
+def test_nonfinite_gradient_can_skip_the_step(tiny_model_dir, small_data, tmp_path):
+    import pytest
+
+    module = _nan_gradient_sft(tiny_model_dir, tmp_path, skip=True)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    with pytest.warns(UserWarning, match="skipping optimizer step with non-finite gradient"):
+        trainer(tmp_path, max_steps=2, limit_train_batches=2).fit(module, dm)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert torch.isfinite(param).all(), name
+            torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def _fp16_trainer(tmp_path, **kwargs):
+    # Lightning turns precision="16-mixed" into bf16 on CPU; GPUs get this plugin by default.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    return trainer(tmp_path, plugins=[plugin], **kwargs)
+
+
+def test_fp16_mixed_precision_trains_with_loss_scaling(tiny_model_dir, small_data, tmp_path):
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    run = _fp16_trainer(tmp_path, max_steps=3)
+    run.fit(module, dm)
+    assert run.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow: the initial scale stands
+    assert run.global_step == 3
+    changed = [not torch.equal(p.detach(), before[n]) for n, p in module.named_parameters() if p.requires_grad]
+    assert any(changed)
+
+
+def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_data, tmp_path):
+    module = _nan_gradient_sft(tiny_model_dir, tmp_path, skip=False)  # the scaler handles it, no error
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    run = _fp16_trainer(tmp_path, max_steps=2, limit_train_batches=2)
+    run.fit(module, dm)
+    assert run.precision_plugin.scaler.get_scale() == 2.0**14  # halved at each of the two overflows
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=0, msg=name)
+
+
+def test_unwritable_output_dir_fails_before_training(tiny_model_dir, small_data, tmp_path):
+    import pytest
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(blocker / "out"))
+    dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
+    run = trainer(tmp_path, max_steps=1)
+    with pytest.raises(PermissionError, match="cannot write to .*file/out"):
+        run.fit(module, dm)
+    assert run.global_step == 0

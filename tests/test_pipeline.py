@@ -107,3 +107,20 @@ def test_pipeline_smoke_on_embedded_model(small_data, tmp_path):
     assert main(["pipeline", "--config", str(config)]) == 0
     # Constrained decoding is covered on the tiny model; here it would only add 3 grammar builds.
     check_artifacts(tmp_path, constrained=False)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, force):
+    import qod_lightning.cli
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    calls = []
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args))
+    cfg = PipelineConfig(model="m", sft_config="s.yaml", dpo_config="d.yaml", work_dir=str(tmp_path))
+    (tmp_path / "sft" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sft" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    run_training(cfg, force=force)
+    sft, dpo = calls
+    assert ("--ckpt_path=last" in sft) is not force
+    assert "--ckpt_path=last" not in dpo
+    assert f"--trainer.callbacks.dirpath={tmp_path / 'sft' / 'checkpoints'}" in sft

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,12 @@ from qod_lightning.commands.common import (
     positive_int,
     run,
 )
-from qod_lightning.data.jsonl import DataError, read_jsonl
+from qod_lightning.data.jsonl import DataError, describe_duplicates, duplicate_lines, read_jsonl, read_objects
 from qod_lightning.data.tokenize import PromptFormat
 from qod_lightning.metrics import score_predictions
+from qod_lightning.validation import validate_request
+
+log = logging.getLogger(__name__)
 
 EVAL_RECORD = {"input": str, "expected": dict}
 """An evaluation record: the request and its canonical answer."""
@@ -51,39 +55,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_eval_records(path: str, max_samples: int | None = None) -> list[dict[str, Any]]:
-    """Read ``{"input", "expected"}`` records, the first ``max_samples`` of them when given."""
+    """Read ``{"input", "expected"}`` records, the first ``max_samples`` of them when given.
+
+    Repeated records are kept (and counted twice) but named in a warning.
+
+    Raises:
+        DataError: On what :func:`~qod_lightning.data.jsonl.read_jsonl` rejects, or an
+            ``expected`` that is not a valid request (nothing could match it).
+
+    """
     records = read_jsonl(existing_file(path, "evaluation data"), EVAL_RECORD)
+    for record in records:
+        check_expected(path, record["_line"], record["expected"])
+    repeats = duplicate_lines(records, EVAL_RECORD)
+    if repeats:
+        log.warning("%s: %d duplicate record(s): %s", path, len(repeats), describe_duplicates(repeats))
     return records[:max_samples] if max_samples else records
+
+
+def check_expected(path: str, line: int, expected: dict[str, Any]) -> None:
+    """Raise :class:`~qod_lightning.data.jsonl.DataError` when a reference answer fails the schema."""
+    report = validate_request(expected)
+    if not report.valid:
+        raise DataError(path, line, f"'expected' is not a valid CreateSession request ({report.errors[0]})")
 
 
 def read_predictions(path: str) -> list[dict[str, Any]]:
     """Read scored-prediction records.
 
-    Unlike :func:`~qod_lightning.data.jsonl.read_jsonl`, an empty ``prediction`` is accepted: a
-    model that stops at once produced it, and it must count as a failure, not abort the scoring.
-    Other keys are ignored.
+    Parsed as strictly as :func:`~qod_lightning.data.jsonl.read_objects` parses, but unlike
+    :func:`~qod_lightning.data.jsonl.read_jsonl`, an empty ``prediction`` is accepted: a model
+    that stops at once produced it, and it must count as a failure, not abort the scoring. Other
+    keys are ignored.
 
     Raises:
-        DataError: On malformed JSON or a missing or wrongly typed key.
+        DataError: On what :func:`~qod_lightning.data.jsonl.read_objects` rejects, a missing or
+            wrongly typed key, or an ``expected`` that is not a valid request.
 
     """
     records = []
-    lines = existing_file(path, "predictions file").read_text(encoding="utf-8-sig").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, f"malformed JSON ({err.msg} at column {err.colno})") from err
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    for number, record in read_objects(existing_file(path, "predictions file")):
         for key, kind in PREDICTION_KEYS.items():
             if not isinstance(record.get(key), kind):
                 raise DataError(path, number, f"key {key!r} must be a {kind.__name__}")
+        check_expected(path, number, record["expected"])
         records.append(record)
-    if not records:
-        raise DataError(path, None, "file has no records")
     return records
 
 

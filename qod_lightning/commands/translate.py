@@ -79,6 +79,10 @@ def _requests(args: argparse.Namespace) -> list[str]:
         raise CommandError("--output is only used with --input")
     if not args.request.strip():
         raise CommandError("the request is empty; describe the session, e.g. 'gaming, device 203.0.113.7, ...'")
+    try:
+        args.request.encode("utf-8")
+    except UnicodeEncodeError as err:  # argv bytes that were not UTF-8 arrive as lone surrogates
+        raise CommandError(f"the request is not UTF-8 text (undecodable byte at character {err.start + 1})") from err
     return [args.request]
 
 

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from qod_lightning.data.sampling import WindowBatchSampler
+from qod_lightning.data.sampling import ResumableDataLoader, WindowBatchSampler
 from qod_lightning.data.tokenize import PromptFormat
 from qod_lightning.model import load_tokenizer
 
@@ -170,9 +170,16 @@ class TokenizedDataModule(L.LightningDataModule):
             group_by_length=self.hparams.group_by_length,
             lengths=[len(e["input_ids"]) for e in dataset.examples],
         )
-        return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self._collate_with_weight, num_workers=self.hparams.num_workers
-        )
+        kwargs = {"batch_sampler": sampler, "collate_fn": self._collate_with_weight}
+        if shuffle:
+            return ResumableDataLoader(
+                dataset, consumed=self._batches_trained, num_workers=self.hparams.num_workers, **kwargs
+            )
+        return DataLoader(dataset, num_workers=self.hparams.num_workers, **kwargs)
+
+    def _batches_trained(self) -> int:
+        """Micro-batches of the current epoch the trainer has finished (where a resume picks up)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def _collate_with_weight(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate(items)

@@ -9,6 +9,7 @@ import torch
 from qod_lightning.data.base import TokenizedDataModule
 from qod_lightning.data.jsonl import DataError, read_jsonl
 from qod_lightning.data.prompts import SYSTEM_PROMPT
+from qod_lightning.data.sft import warn_about_records
 from qod_lightning.data.tokenize import (
     IGNORE_INDEX,
     encode_prompt,
@@ -35,11 +36,16 @@ class PreferenceDataModule(TokenizedDataModule):
     encoded_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "input_ids")
 
     def read(self, path: str) -> list[dict[str, Any]]:
-        """Read preference records; a pair whose chosen equals its rejected is an error."""
+        """Read preference records; a pair whose chosen equals its rejected is an error.
+
+        Repeated pairs and ``chosen`` answers that are not a bare valid request for their prompt
+        are kept but reported by line in a warning (``rejected`` answers are meant to be wrong).
+        """
         records = read_jsonl(path, PREFERENCE_RECORD)
         for record in records:
             if record["chosen"].strip() == record["rejected"].strip():
                 raise DataError(path, record["_line"], "'chosen' is identical to 'rejected': nothing to learn")
+        warn_about_records(path, records, PREFERENCE_RECORD, "chosen", "prompt")
         return records
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:

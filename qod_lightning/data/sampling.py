@@ -9,10 +9,11 @@ the order in advance, so it hands each micro-batch its window's total weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -60,10 +61,19 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = rank, world_size
         self.group_by_length = group_by_length
+        self._resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
         self.epoch = epoch
+
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Make the next pass over ``epoch`` skip its first ``consumed`` micro-batches.
+
+        The order is a pure function of (seed, epoch), so skipping reproduces exactly the batches
+        an uninterrupted run would have drawn next. Applies once; other epochs are not affected.
+        """
+        self._resume_at = (epoch, consumed)
 
     def _order(self) -> list[int]:
         n = len(self.weights)
@@ -86,20 +96,62 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         """Micro-batches of the whole step order: rank ``r`` takes every ``world_size``-th one."""
         order = self._order()
         step = self.batch_size * self.world_size
-        # Drop the ragged tail that cannot give every rank a micro-batch: uneven batch counts
-        # would hang DDP. Only happens with world_size > 1 and a dataset not divisible by it.
-        usable = len(order) if self.world_size == 1 else len(order) - len(order) % step
+        # Training drops the ragged tail that cannot give every rank a micro-batch: uneven batch
+        # counts would hang DDP's gradient all-reduce. Unshuffled (evaluation) passes keep every
+        # example; ranks may then run one batch more or less, which needs no collective.
+        drop = self.shuffle and self.world_size > 1
+        usable = len(order) - len(order) % step if drop else len(order)
         order = order[:usable]
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip = 0
+        if self._resume_at is not None:
+            epoch, consumed = self._resume_at
+            self._resume_at = None
+            skip = consumed if epoch == self.epoch else 0
+        yield from self._rank_batches()[skip:]
+
+    def _rank_batches(self) -> list[list[tuple[int, int]]]:
         batches = self._global_batches()
         per_window = self.accumulate * self.world_size
+        mine = []
         for w in range(0, len(batches), per_window):
             window = batches[w : w + per_window]
             total = sum(self.weights[i] for batch in window for i in batch)
-            for batch in window[self.rank :: self.world_size]:
-                yield [(i, total) for i in batch]
+            mine += [[(i, total) for i in batch] for batch in window[self.rank :: self.world_size]]
+        return mine
 
     def __len__(self) -> int:
         return len(self._global_batches()) // self.world_size
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`WindowBatchSampler` whose place in the epoch survives a restart.
+
+    Lightning saves ``state_dict()`` of every loader that has one in its checkpoints and hands it
+    back through ``load_state_dict()`` on ``--ckpt_path``, then expects the loader to yield only
+    the batches not yet trained on. The number of consumed batches comes from the trainer's
+    progress (``consumed``), not from the sampler: Lightning and DataLoader workers prefetch, so
+    the sampler has always run ahead of training.
+
+    Args:
+        *args: As for :class:`~torch.utils.data.DataLoader`; ``batch_sampler`` must be a
+            :class:`WindowBatchSampler`.
+        consumed: Returns the micro-batches of the current epoch already trained on.
+        **kwargs: As for :class:`~torch.utils.data.DataLoader`.
+    """
+
+    def __init__(self, *args: Any, consumed: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, WindowBatchSampler):
+            raise TypeError("ResumableDataLoader needs a WindowBatchSampler as batch_sampler")
+        self._consumed = consumed
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and micro-batches consumed in it, for Lightning's checkpoint."""
+        return {"epoch": self.batch_sampler.epoch, "consumed": int(self._consumed())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the consumed micro-batches the next time this epoch is iterated."""
+        self.batch_sampler.resume(state["epoch"], state["consumed"])

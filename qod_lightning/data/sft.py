@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from qod_lightning.data.base import TokenizedDataModule
-from qod_lightning.data.jsonl import read_jsonl
+from qod_lightning.data.jsonl import describe_duplicates, duplicate_lines, read_jsonl
 from qod_lightning.data.tokenize import (
     IGNORE_INDEX,
     encode_prompt,
@@ -16,6 +18,7 @@ from qod_lightning.data.tokenize import (
     format_prompt,
     pad_batch,
 )
+from qod_lightning.validation import answer_problem
 
 SFT_RECORD = {"instruction": str, "input": str, "response": str}
 
@@ -31,8 +34,15 @@ class SFTDataModule(TokenizedDataModule):
     encoded_keys = ("input_ids", "labels")
 
     def read(self, path: str) -> list[dict[str, Any]]:
-        """Read ``{"instruction", "input", "response"}`` records."""
-        return read_jsonl(path, SFT_RECORD)
+        """Read ``{"instruction", "input", "response"}`` records.
+
+        Records are kept as they are, but two kinds are reported by line in a warning: repeats
+        of an earlier record (one copy can land in each split), and responses that are not a
+        bare valid request for their input (the model would learn to write them).
+        """
+        records = read_jsonl(path, SFT_RECORD)
+        warn_about_records(path, records, SFT_RECORD, "response", "input")
+        return records
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Prompt ids then response ids + EOS; labels mask the prompt."""
@@ -55,3 +65,31 @@ class SFTDataModule(TokenizedDataModule):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example."""
         return pad_batch(items, self.tokenizer.pad_token_id)
+
+
+def warn_about_records(
+    path: str, records: list[dict[str, Any]], keys: Iterable[str], answer_key: str, request_key: str
+) -> None:
+    """Warn, naming lines, about repeated records and about answers that are not valid requests.
+
+    Args:
+        path: The file the records came from.
+        records: Its records (each with its ``_line``).
+        keys: The keys that make two records the same.
+        answer_key: The key holding the answer the model is trained towards.
+        request_key: The key holding the user's request.
+
+    """
+    repeats = duplicate_lines(records, keys)
+    if repeats:
+        rank_zero_warn(f"{path}: {len(repeats)} duplicate record(s): {describe_duplicates(repeats)}")
+    problems = [(r["_line"], answer_problem(r[answer_key], r[request_key])) for r in records]
+    problems = [(line, problem) for line, problem in problems if problem is not None]
+    if problems:
+        first_line, first_problem = problems[0]
+        shown = [line for line, _ in problems[:20]]
+        more = f" and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        rank_zero_warn(
+            f"{path}: {len(problems)} {answer_key}(s) are not a bare valid request for their "
+            f"{request_key}: line(s) {shown}{more}; line {first_line}: {first_problem}"
+        )

@@ -1,4 +1,4 @@
-"""Pieces both LightningModules use: scoring a batch, optimizers and schedules, adapter saving."""
+"""What both LightningModules share: scoring a batch, optimizers and schedules, checkpoints, adapter saving."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
@@ -15,9 +16,10 @@ from peft import PeftModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from qod_lightning.artifacts import check_writable
 from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import response_logps, sequence_logps
-from qod_lightning.model import load_tokenizer, save_adapter
+from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
 
 
 def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,48 +105,131 @@ class Throughput:
         return rate
 
 
-def save_module_adapter(module: Any, name: str) -> Path | None:
-    """Write ``module.model``'s adapter and the tokenizer to ``output_dir/name`` (rank zero only)."""
-    if not module.trainer.is_global_zero:
-        return None
-    tokenizer = getattr(module.trainer.datamodule, "tokenizer", None) or load_tokenizer(
-        module.settings.model_name_or_path
-    )
-    return save_adapter(module.model, tokenizer, Path(module.hparams.output_dir) / name)
+class AdapterModule(L.LightningModule):
+    """What the SFT and DPO modules share: a PEFT model, adapter-only checkpoints that resume exactly.
 
+    Subclasses implement ``_shared_step(batch, stage)``. Checkpoints keep the trainable tensors
+    and the random-number state, never the frozen base (reloaded from its source), so a run
+    resumed with ``--ckpt_path`` draws the same dropout masks as one that was never interrupted.
 
-def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Keep only trainable tensors (and buffers we own) in a Lightning checkpoint.
-
-    The base model never changes and is reloaded from its source, so storing it would make each
-    checkpoint the size of the model (gigabytes for Phi-3) instead of the adapter's megabytes.
+    Args:
+        settings: What to load and adapt.
+        optimizer: Built over the trainable parameters.
+        scheduler: Per-step LR schedule (optional).
     """
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    state = checkpoint["state_dict"]
-    for key in list(state):
-        if key.startswith("model.") and key not in trainable:
-            del state[key]
 
+    def __init__(
+        self, settings: ModelSettings, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.model = build_model(settings)
+        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live
+        self.strict_loading = False  # checkpoints hold the adapter only (see on_save_checkpoint)
+        self._throughput = Throughput()
+        self._rng_to_restore: dict[str, Any] | None = None
 
-def finish_training_step(
-    module: Any, loss: torch.Tensor, batch: dict[str, torch.Tensor], batch_idx: int
-) -> torch.Tensor | None:
-    """Refuse a non-finite loss and log response tokens per second.
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError
 
-    A NaN or infinite loss stops the run with the step and batch that produced it, unless the
-    module was built with ``skip_nonfinite=True``: then the batch is skipped (Lightning skips the
-    backward pass and optimizer step for a ``None`` loss) with a warning.
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """One micro-batch: refuse a non-finite loss, log response tokens per second.
 
-    Returns:
-        The loss, or ``None`` to skip the batch.
-    """
-    if not torch.isfinite(loss):
-        where = f"global step {module.global_step}, epoch {module.current_epoch}, batch {batch_idx}"
-        if not module.hparams.skip_nonfinite:
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at {where}; set skip_nonfinite to skip")
-        rank_zero_warn(f"skipping batch with non-finite loss ({loss.item()}) at {where}")
-        return None
-    rate = module._throughput.update(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
-    if rate is not None:
-        module.log("train/tokens_per_sec", rate, batch_size=1)
-    return loss
+        A NaN or infinite loss stops the run with the step and batch that produced it, unless the
+        module was built with ``skip_nonfinite=True``: then the batch is skipped (Lightning skips
+        the backward pass and optimizer step for a ``None`` loss) with a warning.
+
+        Returns:
+            The loss, or ``None`` to skip the batch.
+        """
+        loss = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
+            if not self.hparams.skip_nonfinite:
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at {where}; set skip_nonfinite to skip"
+                )
+            rank_zero_warn(f"skipping batch with non-finite loss ({loss.item()}) at {where}")
+            return None
+        rate = self._throughput.update(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        if rate is not None:
+            self.log("train/tokens_per_sec", rate, batch_size=1)
+        return loss
+
+    def setup(self, stage: str) -> None:
+        """Before fitting, check that the adapter and checkpoint directories can take what comes."""
+        if stage != "fit" or not self.trainer.is_global_zero:
+            return
+        trainable_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+        # final + best adapters, each written beside its old copy before the rename
+        check_writable(self.hparams.output_dir, 4 * trainable_bytes + 2**20)
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                # weights + two Adam moments (fp32), also written beside the old checkpoint
+                check_writable(
+                    callback.dirpath, 2 * 3 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
+                )
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Refuse (or skip, with ``skip_nonfinite``) a step whose gradients hold NaN or inf.
+
+        Under fp16 loss scaling the scaler already skips such steps and lowers the scale, which is
+        how it finds its range, so the check is left to it.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return
+        where = f"global step {self.global_step}, epoch {self.current_epoch}"
+        if not self.hparams.skip_nonfinite:
+            raise FloatingPointError(f"non-finite gradient at {where}; set skip_nonfinite to skip such steps")
+        rank_zero_warn(f"skipping optimizer step with non-finite gradient at {where}")
+        optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors, and store the random-number state.
+
+        The base model never changes and is reloaded from its source, so storing it would make each
+        checkpoint the size of the model (gigabytes for Phi-3) instead of the adapter's megabytes.
+        """
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in list(state):
+            if key.startswith("model.") and key not in trainable:
+                del state[key]
+        checkpoint["rng_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Hold the saved random-number state until training resumes (after sanity checks)."""
+        self._rng_to_restore = checkpoint.get("rng_state")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Restore the checkpoint's random-number state just before the first resumed batch."""
+        if self._rng_to_restore is None:
+            return
+        torch.set_rng_state(self._rng_to_restore["torch"])
+        if self._rng_to_restore["cuda"]:
+            torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+        self._rng_to_restore = None
+
+    def on_fit_end(self) -> None:
+        """Save the final adapter."""
+        self.save_adapter("final")
+
+    def save_adapter(self, name: str) -> Path | None:
+        """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
+        if not self.trainer.is_global_zero:
+            return None
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
+            self.settings.model_name_or_path
+        )
+        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The injected optimizer and scheduler."""
+        return configure_optimization(self, self.optimizer, self.scheduler)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,19 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qod_lightning.losses import dpo_loss
-from qod_lightning.model import (
-    ModelSettings,
-    build_model,
-    count_parameters,
-)
-from qod_lightning.modules.common import (
-    Throughput,
-    batch_logps,
-    configure_optimization,
-    drop_frozen_weights,
-    finish_training_step,
-    save_module_adapter,
-)
+from qod_lightning.model import ModelSettings, count_parameters
+from qod_lightning.modules.common import AdapterModule, batch_logps
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -33,7 +20,7 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=5e-5)
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(AdapterModule):
     """DPO on LoRA: the trainable policy starts from the SFT adapter, the reference is its copy.
 
     Reference log-probs are computed once, before the first step, by the policy itself with
@@ -62,17 +49,11 @@ class DPOModule(L.LightningModule):
         output_dir: str = "artifacts/dpo",
         skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__()
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
+        super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.settings = model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.model = build_model(self.settings)
-        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live
-        self.strict_loading = False  # checkpoints hold the adapter only (see drop_frozen_weights)
         self.reference: dict[str, torch.Tensor] = {}
-        self._throughput = Throughput()
         trainable, total = count_parameters(self.model)
         rank_zero_info(f"DPO policy: {trainable:,} trainable of {total:,} parameters")
 
@@ -82,6 +63,8 @@ class DPOModule(L.LightningModule):
     def compute_reference(self, loader: DataLoader, split: str) -> torch.Tensor:
         """Score every pair of ``loader`` with the current model in eval mode (no dropout).
 
+        Under DDP each rank scores its shard and the tables are summed across ranks.
+
         Returns:
             (N, 2) chosen/rejected log-probs indexed by example index.
 
@@ -89,15 +72,21 @@ class DPOModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         n = len(loader.dataset)
-        table = torch.full((n, 2), float("nan"))
+        table, scored = torch.zeros(n, 2), torch.zeros(n)
         for batch in tqdm(loader, desc=f"Reference log-probs ({split})", disable=not self.trainer.is_global_zero):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             logps, _ = batch_logps(self.model, batch)
             pairs = logps.view(2, -1).T  # (B, 2): chosen, rejected
-            table[batch["index"].cpu()] = pairs.float().cpu()
+            index = batch["index"].cpu()
+            table[index] = pairs.float().cpu()
+            scored[index] += 1
         self.model.train(was_training)
-        if torch.isnan(table).any():
-            raise RuntimeError(f"reference log-probs missing for some {split} examples")
+        if self.trainer.world_size > 1:  # each rank scored its shard; every rank needs the whole table
+            table = self.trainer.strategy.reduce(table.to(self.device), reduce_op="sum").cpu()
+            scored = self.trainer.strategy.reduce(scored.to(self.device), reduce_op="sum").cpu()
+        if (scored != 1).any():
+            bad = int((scored != 1).sum())
+            raise RuntimeError(f"{bad} {split} pair(s) were not scored exactly once for the reference log-probs")
         return table
 
     def _ensure_reference(self, split: str) -> None:
@@ -118,12 +107,13 @@ class DPOModule(L.LightningModule):
         self._ensure_reference("val")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the adapter and the reference cache, not the frozen base."""
-        drop_frozen_weights(self, checkpoint)
+        """Also store the reference cache, so a resumed run does not recompute it from a trained policy."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["dpo_reference"] = self.reference
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the reference cache of the interrupted run."""
+        super().on_load_checkpoint(checkpoint)
         self.reference = checkpoint.get("dpo_reference", {})
 
     # -- steps -----------------------------------------------------------------------------------
@@ -156,22 +146,6 @@ class DPOModule(L.LightningModule):
         self.log_dict(metrics, batch_size=n, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """One micro-batch of pairs; also logs response tokens per second."""
-        return finish_training_step(self, self._shared_step(batch, "train"), batch, batch_idx)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """DPO loss and rewards on held-out pairs."""
         return self._shared_step(batch, "val")
-
-    def on_fit_end(self) -> None:
-        """Save the DPO adapter."""
-        self.save_adapter("final")
-
-    def save_adapter(self, name: str) -> Path | None:
-        """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
-        return save_module_adapter(self, name)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The injected optimizer and scheduler."""
-        return configure_optimization(self, self.optimizer, self.scheduler)

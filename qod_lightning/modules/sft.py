@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
-from qod_lightning.model import (
-    ModelSettings,
-    build_model,
-    count_parameters,
-)
-from qod_lightning.modules.common import (
-    Throughput,
-    batch_logps,
-    configure_optimization,
-    drop_frozen_weights,
-    finish_training_step,
-    save_module_adapter,
-)
+from qod_lightning.model import ModelSettings, count_parameters
+from qod_lightning.modules.common import AdapterModule, batch_logps
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -32,7 +19,7 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-4)
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(AdapterModule):
     """LoRA/QLoRA supervised fine-tuning of a causal LM.
 
     The training loss is the mean negative log-likelihood over every response token of the
@@ -56,16 +43,10 @@ class SFTModule(L.LightningModule):
         output_dir: str = "artifacts/sft",
         skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.settings = model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.model = build_model(self.settings)
-        self.model.train()  # from_pretrained returns eval mode; LoRA dropout must be live
-        self.strict_loading = False  # checkpoints hold the adapter only (see drop_frozen_weights)
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
         self.best_val_loss = math.inf
-        self._throughput = Throughput()
         trainable, total = count_parameters(self.model)
         rank_zero_info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
@@ -90,10 +71,6 @@ class SFTModule(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """One micro-batch; also logs target tokens per second."""
-        return finish_training_step(self, self._shared_step(batch, "train"), batch, batch_idx)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Accumulates token-weighted NLL for the epoch."""
         return self._shared_step(batch, "val")
@@ -117,17 +94,11 @@ class SFTModule(L.LightningModule):
             self.save_adapter("best")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the adapter, not the frozen base."""
-        drop_frozen_weights(self, checkpoint)
+        """Also remember the best validation loss, so a resumed run does not overwrite ``best``."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["best_val_loss"] = self.best_val_loss
 
-    def on_fit_end(self) -> None:
-        """Save the final adapter."""
-        self.save_adapter("final")
-
-    def save_adapter(self, name: str) -> Path | None:
-        """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
-        return save_module_adapter(self, name)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The injected optimizer and scheduler."""
-        return configure_optimization(self, self.optimizer, self.scheduler)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the best validation loss of the interrupted run."""
+        super().on_load_checkpoint(checkpoint)
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
