@@ -242,15 +242,22 @@ def test_merged_model_equals_the_adapter_model(capsys, adapter_dir, tmp_path):
     assert list((tmp_path / "merged").glob("*.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in name for name in merged.state_dict())
-    adapted, tokenizer = load_for_inference(str(adapter_dir))
+    from peft import PeftConfig, PeftModel
+
+    base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), str(adapter_dir)).eval()
+    in_memory, tokenizer = load_for_inference(str(adapter_dir))  # merges full-precision adapters itself
+    assert not isinstance(in_memory, PeftModel)
     ids = torch.tensor([tokenizer(REQUEST)["input_ids"]])
     with torch.no_grad():
         expected = adapted(input_ids=ids).logits
         with adapted.disable_adapter():
             unadapted = adapted(input_ids=ids).logits
         actual = merged(input_ids=ids).logits
+        merged_in_memory = in_memory(input_ids=ids).logits
     assert not torch.allclose(expected, unadapted, atol=1e-3)  # the adapter does change the output
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_in_memory, expected, atol=1e-5, rtol=0)
 
 
 def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(capsys, adapter_dir, tmp_path):
