@@ -60,6 +60,9 @@ class QuantizationSettings:
         quant_type: ``nf4`` (NormalFloat, the QLoRA paper's) or ``fp4``.
         double_quant: Quantize the quantization constants too (about 0.4 bit/param saved).
         compute_dtype: Dtype the 4-bit matmuls compute in.
+        quant_storage: Dtype the packed 4-bit values are stored in. ``uint8`` by default; FSDP
+            shards a model only when every parameter has one dtype, so set it to the dtype of the
+            other weights (``bfloat16``) for FSDP.
 
     """
 
@@ -67,12 +70,15 @@ class QuantizationSettings:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    quant_storage: str = "uint8"
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+        if self.quant_storage not in (*DTYPES, "uint8"):
+            raise ValueError(f"quant_storage must be uint8 or one of {sorted(DTYPES)}, got {self.quant_storage!r}")
 
 
 @dataclass
@@ -191,6 +197,7 @@ def load_base_model(settings: ModelSettings) -> PreTrainedModel:
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+            bnb_4bit_quant_storage=DTYPES.get(q.quant_storage, torch.uint8),
         )
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 

@@ -90,3 +90,19 @@ def test_4bit_nf4_loads_and_runs_on_cpu(tiny_model_dir):
     assert torch.isfinite(out.logits).all()
     trainable, _ = count_parameters(model)
     assert trainable > 0
+
+
+def test_4bit_storage_dtype_can_match_the_other_weights_for_fsdp(tiny_model_dir):
+    import pytest
+
+    settings = ModelSettings(
+        model_name_or_path=str(tiny_model_dir),
+        quantization=QuantizationSettings(load_in_4bit=True, compute_dtype="float32", quant_storage="float32"),
+    )
+    model = build_model(settings)
+    packed = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert packed and {w.dtype for w in packed} == {torch.float32}
+    out = model(input_ids=torch.tensor([[0, 5, 6, 7]]))
+    assert torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="quant_storage"):
+        QuantizationSettings(quant_storage="int4")

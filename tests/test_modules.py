@@ -215,6 +215,6 @@ def test_unwritable_output_dir_fails_before_training(tiny_model_dir, small_data,
     module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(blocker / "out"))
     dm = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
     run = trainer(tmp_path, max_steps=1)
-    with pytest.raises(PermissionError, match="cannot write to .*file/out"):
+    with pytest.raises(PermissionError, match=r"cannot write to .*file/out"):
         run.fit(module, dm)
     assert run.global_step == 0
