@@ -29,7 +29,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from qod_lightning.data.tokenize import PromptFormat, encode_prompt, format_prompt
+from qod_lightning.data.tokenize import PromptFormat, encode_prompt
 from qod_lightning.extraction import find_json_object
 from qod_lightning.model import ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
 from qod_lightning.schema import IPV4_NETWORK_PATTERN, IPV4_PATTERN, NAI_PATTERN, REQUEST_SCHEMA
@@ -380,10 +380,7 @@ def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase, requests: list[str], prompt_format: PromptFormat, max_input_tokens: int
 ) -> list[list[int]]:
     """Encode each request exactly as training did, keeping the last ``max_input_tokens`` ids."""
-    encoded = [
-        encode_prompt(tokenizer, format_prompt(tokenizer, r, prompt_format=prompt_format), prompt_format)
-        for r in requests
-    ]
+    encoded = [encode_prompt(tokenizer, r, prompt_format=prompt_format) for r in requests]
     too_long = sum(len(ids) > max_input_tokens for ids in encoded)
     if too_long:
         log.warning(

@@ -15,7 +15,6 @@ from qod_lightning.data.tokenize import (
     encode_prompt,
     encode_response,
     fit_to_length,
-    format_prompt,
     pad_batch,
 )
 
@@ -50,8 +49,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Prompt ids (truncated to fit the longer answer) and both answers' ids + EOS."""
-        prompt = format_prompt(self.tokenizer, record["prompt"], SYSTEM_PROMPT, self.hparams.prompt_format)
-        prompt_ids = encode_prompt(self.tokenizer, prompt, self.hparams.prompt_format)
+        prompt_ids = encode_prompt(self.tokenizer, record["prompt"], SYSTEM_PROMPT, self.hparams.prompt_format)
         chosen = encode_response(self.tokenizer, record["chosen"])
         rejected = encode_response(self.tokenizer, record["rejected"])
         longer = chosen if len(chosen) >= len(rejected) else rejected

@@ -15,7 +15,6 @@ from qod_lightning.data.tokenize import (
     encode_prompt,
     encode_response,
     fit_to_length,
-    format_prompt,
     pad_batch,
 )
 from qod_lightning.validation import answer_problem
@@ -46,8 +45,7 @@ class SFTDataModule(TokenizedDataModule):
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Prompt ids then response ids + EOS; labels mask the prompt."""
-        prompt = format_prompt(self.tokenizer, record["input"], record["instruction"], self.hparams.prompt_format)
-        prompt_ids = encode_prompt(self.tokenizer, prompt, self.hparams.prompt_format)
+        prompt_ids = encode_prompt(self.tokenizer, record["input"], record["instruction"], self.hparams.prompt_format)
         response_ids = encode_response(self.tokenizer, record["response"])
         kept = fit_to_length(prompt_ids, response_ids, self.hparams.max_length)
         if kept is None:

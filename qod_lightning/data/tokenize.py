@@ -52,12 +52,39 @@ def format_prompt(
     raise ValueError(f"unknown prompt_format {prompt_format!r}; expected 'alpaca' or 'chat'")
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prompt_format: PromptFormat) -> list[int]:
-    """Token ids of a rendered prompt (BOS included where the tokenizer adds one).
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    user_input: str,
+    instruction: str = SYSTEM_PROMPT,
+    prompt_format: PromptFormat = "alpaca",
+) -> list[int]:
+    """Token ids of the prompt for ``user_input`` (BOS included where the tokenizer adds one).
 
-    Chat templates already contain their special tokens, so none are added for them.
+    The request is untrusted text: a request that spells a special token (``<|end|>``,
+    ``<|im_start|>``) gets the ids of those characters, never the special token itself, so a user
+    cannot close the turn or forge one. The template's own special tokens stay special.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        user_input: The user's request.
+        instruction: The system instruction.
+        prompt_format: As for :func:`format_prompt`.
+
+    Returns:
+        The prompt ids, ending where the answer begins.
+
     """
-    return tokenizer(prompt, add_special_tokens=prompt_format == "alpaca")["input_ids"]
+    if prompt_format == "alpaca":  # the template itself holds no special tokens
+        text = format_prompt(tokenizer, user_input, instruction, prompt_format)
+        return tokenizer(text, split_special_tokens=True)["input_ids"]
+    # Render the template around a placeholder, then encode the request on its own.
+    placeholder = "\x00request\x00"
+    before, after = format_prompt(tokenizer, placeholder, instruction, prompt_format).split(placeholder)
+    return [
+        *tokenizer(before, add_special_tokens=False)["input_ids"],
+        *tokenizer(user_input, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+        *tokenizer(after, add_special_tokens=False)["input_ids"],
+    ]
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
