@@ -55,17 +55,17 @@ def event_tags(log_dir: Path) -> set[str]:
 
 
 def check_artifacts(tmp_path: Path, constrained: bool) -> None:
-    from peft import PeftModel  # noqa: F401  (adapters load through PEFT)
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qod_lightning.generation import load_for_inference
+    from qod_lightning.model import ModelSettings, load_base_model
 
     work = tmp_path / "work"
     for stage in ("sft", "dpo"):
         adapter = work / stage / "final"
         assert is_complete(adapter) and (adapter / "adapter_model.safetensors").is_file()
-        model, _ = load_for_inference(str(adapter))
-        assert type(model).__name__.startswith("Peft")
+        base = load_base_model(ModelSettings(PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path))
+        PeftModel.from_pretrained(base, str(adapter))
     assert is_complete(work / "merged")
     AutoModelForCausalLM.from_pretrained(work / "merged")
     labels = ["base", "sft", "dpo"]
