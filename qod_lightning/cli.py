@@ -17,9 +17,10 @@ COMMANDS = {
     "compare": "compare models: compare --models base=P sft=P dpo=P --out-dir DIR",
     "merge": "fold an adapter into its base: merge --adapter DIR --output DIR",
     "pipeline": "SFT -> DPO -> merge -> evaluate -> compare: pipeline --config configs/pipeline/embedded.yaml",
+    "bench": "time our SFT/DPO against TRL's, and generation: bench --compare trl --model tiny",
 }
 
-INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge")
+INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge", "bench")
 """Commands implemented in :mod:`qod_lightning.commands` (one module each)."""
 
 
