@@ -4,7 +4,7 @@
 from the forward hooks and excluding the prompt (prefill) pass, whatever each run's answers'
 lengths; constrained and plain runs of the same requests are interleaved, so load from other
 processes on a shared machine hits both alike. Grammar compilation is timed separately: it happens
-once per tokenizer, not per request. (This replaces ``scripts/bench_constrained.py``.)
+once per tokenizer, not per request.
 """
 
 from __future__ import annotations
