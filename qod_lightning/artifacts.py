@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +13,28 @@ from pathlib import Path
 
 COMPLETE_MARKER = ".complete"
 """Written last into every artifact directory; a directory without it is incomplete."""
+
+log = logging.getLogger(__name__)
+
+
+def remove_leftovers(target: str | Path) -> list[Path]:
+    """Report and delete what an interrupted write of ``target`` left beside it.
+
+    A crash between creating the temporary sibling and renaming it leaves ``.NAME.tmp-*`` (or,
+    mid-replacement, ``.NAME.old-*``); nothing ever reads them, but they hold disk space.
+
+    Returns:
+        The paths removed.
+    """
+    target = Path(target)
+    found = sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+    for leftover in found:
+        log.warning("removing %s, left by an interrupted write of %s", leftover, target)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found
 
 
 @contextmanager
@@ -27,6 +50,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -47,6 +71,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

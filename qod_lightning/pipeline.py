@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from qod_lightning.artifacts import is_complete
+from qod_lightning.artifacts import COMPLETE_MARKER, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,14 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
     return [*args, *cfg.fit_args]
 
 
+def _report_incomplete(stage: str, output: Path) -> None:
+    if output.exists() and not is_complete(output):
+        print(
+            f"[pipeline] {stage}: {output} is incomplete (no {COMPLETE_MARKER} marker: an interrupted write), "
+            "redoing it"
+        )
+
+
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
     """Run SFT then DPO; return both adapters.
 
@@ -99,6 +107,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
         if is_complete(output) and not force:
             print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
             continue
+        _report_incomplete(stage, output)
         last = Path(cfg.work_dir) / stage / "checkpoints" / "last.ckpt"
         resume = last.is_file() and not force
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
@@ -143,6 +152,7 @@ def run_merge(cfg: PipelineConfig, adapter: Path, force: bool) -> Path:
     if is_complete(merged) and not force:
         print(f"[pipeline] merge: {merged} is complete, skipping")
         return merged
+    _report_incomplete("merge", merged)
     print(f"[pipeline] merge: {adapter} -> {merged}")
     return merge_adapter(adapter, merged)
 

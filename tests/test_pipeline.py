@@ -124,3 +124,13 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert ("--ckpt_path=last" in sft) is not force
     assert "--ckpt_path=last" not in dpo
     assert f"--trainer.callbacks.dirpath={tmp_path / 'sft' / 'checkpoints'}" in sft
+
+
+def test_pipeline_reports_an_incomplete_stage_output(tmp_path, monkeypatch, capsys):
+    import qod_lightning.cli
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: None)
+    (tmp_path / "sft" / "final").mkdir(parents=True)  # no .complete marker
+    run_training(PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path)), force=False)
+    assert "sft/final is incomplete" in capsys.readouterr().out
