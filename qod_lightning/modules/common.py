@@ -161,15 +161,15 @@ class AdapterModule(L.LightningModule):
         """Before fitting, check that the adapter and checkpoint directories can take what comes."""
         if stage != "fit" or not self.trainer.is_global_zero:
             return
-        trainable_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
         # final + best adapters, each written beside its old copy before the rename
         check_writable(self.hparams.output_dir, 4 * trainable_bytes + 2**20)
+        # weights + two Adam moments (fp32), also written beside the old checkpoint
+        checkpoint_bytes = 2 * 3 * 4 * sum(p.numel() for p in trainable)
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None):
-                # weights + two Adam moments (fp32), also written beside the old checkpoint
-                check_writable(
-                    callback.dirpath, 2 * 3 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
-                )
+                check_writable(callback.dirpath, checkpoint_bytes)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Refuse (or skip, with ``skip_nonfinite``) a step whose gradients hold NaN or inf.
