@@ -8,6 +8,7 @@ import torch
 
 from qod_lightning.data.base import TokenizedDataModule
 from qod_lightning.data.jsonl import DataError, read_jsonl
+from qod_lightning.data.packing import pack_pairs
 from qod_lightning.data.prompts import SYSTEM_PROMPT
 from qod_lightning.data.sft import warn_about_records
 from qod_lightning.data.tokenize import (
@@ -26,8 +27,9 @@ class PreferenceDataModule(TokenizedDataModule):
 
     A batch of B pairs has ``input_ids``, ``attention_mask`` and ``labels`` of shape (2B, T):
     rows ``[:B]`` are the chosen answers and rows ``[B:]`` the rejected ones, padded to one length
-    so the policy scores both in a single forward pass. Labels are ``-100`` on the prompt and
-    padding. ``prompt`` is the user's request; the instruction is
+    so the policy scores both in a single forward pass; and the same pairs packed one row each
+    (``packed_*``, (B, L)), so the prompt is scored once (:mod:`~qod_lightning.data.packing`).
+    Labels are ``-100`` on the prompt and padding. ``prompt`` is the user's request; the instruction is
     :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT. See
     :class:`~qod_lightning.data.base.TokenizedDataModule` for the arguments.
     """
@@ -70,7 +72,12 @@ class PreferenceDataModule(TokenizedDataModule):
         return 1
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Stack chosen rows then rejected rows, right-padded to one length."""
+        """Both layouts of the batch; the module scores whichever its model supports.
+
+        ``input_ids``/``attention_mask``/``labels`` (2B, T): chosen rows then rejected rows,
+        right-padded to one length. ``packed_*`` (B, L): one ``prompt | chosen | rejected`` row per
+        pair (:func:`~qod_lightning.data.packing.pack_pairs`).
+        """
         rows = [
             {
                 "input_ids": item["prompt_ids"] + item[key],
@@ -79,4 +86,4 @@ class PreferenceDataModule(TokenizedDataModule):
             for key in ("chosen_ids", "rejected_ids")
             for item in items
         ]
-        return pad_batch(rows, self.tokenizer.pad_token_id)
+        return pad_batch(rows, self.tokenizer.pad_token_id) | pack_pairs(items, self.tokenizer.pad_token_id)

@@ -7,12 +7,61 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
 from qod_lightning.losses import dpo_loss
 from qod_lightning.model import ModelSettings, count_parameters
 from qod_lightning.modules.common import AdapterModule, batch_logps
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom 4D mask, as packed pairs need."""
+
+
+def can_pack(model: PeftModel, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether ``model`` scores ``batch``'s packed rows exactly as it scores the two-row layout.
+
+    Needs an attention that takes a custom mask, a plain ``lm_head(hidden)`` output (no logit
+    soft-capping), and, with sliding-window attention, every answer within the window of its
+    prompt (the packed mask has no window).
+    """
+    config = model.get_base_model().config
+    if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
+        return False
+    if getattr(config, "final_logit_softcapping", None):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or int(batch["packed_positions"].max()) + 1 < window
+
+
+def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: bool = True) -> torch.Tensor:
+    """Summed answer log-probs of a preference batch: (2B,), chosen answers then rejected ones.
+
+    With ``share_prompt`` (and :func:`can_pack`), one packed row per pair runs each prompt
+    through the model once (:mod:`qod_lightning.data.packing`); otherwise the chosen and the
+    rejected answer each get their own row. Both give the same numbers (tests/test_packing.py).
+
+    Args:
+        model: The PEFT model.
+        batch: A :class:`~qod_lightning.data.preference.PreferenceDataModule` batch.
+        share_prompt: Use the packed rows when the model allows it.
+
+    Returns:
+        (2B,) log-probs.
+
+    """
+    if not (share_prompt and can_pack(model, batch)):
+        return batch_logps(model, batch)[0]
+    causal_lm = model.get_base_model()
+    sdpa = causal_lm.config._attn_implementation == "sdpa"
+    dtype = causal_lm.get_input_embeddings().weight.dtype
+    mask = pair_attention_mask(batch["packed_segments"], None if sdpa else dtype)  # (B, 1, L, L)
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["packed_ids"], attention_mask=mask, position_ids=batch["packed_positions"], use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)[0]
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -37,6 +86,8 @@ class DPOModule(AdapterModule):
         scheduler: Per-step LR schedule (optional).
         output_dir: The DPO adapter goes to ``output_dir/final`` at the end of fit.
         skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
+        share_prompt: Score each pair as one packed row, so its prompt runs through the model once
+            instead of twice (:func:`pair_logps`; same numbers, fewer tokens).
     """
 
     def __init__(
@@ -48,6 +99,7 @@ class DPOModule(AdapterModule):
         scheduler: LRSchedulerCallable | None = None,
         output_dir: str = "artifacts/dpo",
         skip_nonfinite: bool = False,
+        share_prompt: bool = True,
     ) -> None:
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
@@ -75,7 +127,7 @@ class DPOModule(AdapterModule):
         table, scored = torch.zeros(n, 2), torch.zeros(n)
         for batch in tqdm(loader, desc=f"Reference log-probs ({split})", disable=not self.trainer.is_global_zero):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            logps, _ = batch_logps(self.model, batch)
+            logps = pair_logps(self.model, batch, self.hparams.share_prompt)
             pairs = logps.view(2, -1).T  # (B, 2): chosen, rejected
             index = batch["index"].cpu()
             table[index] = pairs.float().cpu()
@@ -120,7 +172,7 @@ class DPOModule(AdapterModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         split = "train" if stage == "train" else "val"
-        logps, _ = batch_logps(self.model, batch)  # (2B,): chosen rows, then rejected rows
+        logps = pair_logps(self.model, batch, self.hparams.share_prompt)  # (2B,): chosen, then rejected
         policy_chosen, policy_rejected = logps.view(2, -1)  # each (B,)
         ref = self.reference[split][batch["index"].cpu()].to(logps)  # (B, 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
