@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SYSTEM_PROMPT = (
-    "Translate the user's request into the JSON body of a CAMARA Quality-on-Demand "
-    "CreateSession call (API v0.10.1). Answer with the JSON object only."
-)
-"""The instruction every record carries (``instruction`` in ``data/sft.jsonl``)."""
+SYSTEM_PROMPT = "Translate the request into a CAMARA QoD CreateSession JSON body."
+"""The instruction every record carries (``instruction`` in ``data/sft.jsonl``).
+
+Short on purpose: every prompt carries it, in training and at inference, and a fine-tuned model
+learns the task from the examples, not from the wording. It is 16 SmolLM2 tokens; the earlier
+two-sentence version was 40, a quarter of an average evaluation prompt.
+"""
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 """The design's Alpaca prompt; the response follows directly after the last newline."""
