@@ -109,9 +109,7 @@ def pair_attention_mask(segments: torch.Tensor, float_dtype: torch.dtype | None 
     )
 
 
-def packed_pair_logps(
-    hidden: torch.Tensor, lm_head: nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_pair_logps(hidden: torch.Tensor, lm_head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed answer log-probs of packed pairs, from hidden states, in the two-row layout's order.
 
     Args:
@@ -120,8 +118,8 @@ def packed_pair_logps(
         batch: ``packed_targets``, ``packed_sources`` and ``packed_segments``, each (B, L).
 
     Returns:
-        ``(logps, counts)``, each (2B,): the chosen answers' then the rejected answers', as
-        :func:`sequence_logps` returns them for the two-row layout.
+        (2B,) log-probs: the chosen answers' then the rejected answers', as :func:`sequence_logps`
+        returns them for the two-row layout.
 
     """
     targets, segments = batch["packed_targets"], batch["packed_segments"]
@@ -129,7 +127,5 @@ def packed_pair_logps(
     sources = batch["packed_sources"][rows, cols]  # (N,) the hidden state that predicts each
     per_token = _token_logps(lm_head(hidden[rows, sources]), targets[rows, cols])  # (N,)
     slots = rows + hidden.size(0) * (segments[rows, cols] == REJECTED)  # (N,) chosen: b, rejected: B + b
-    pairs = 2 * hidden.size(0)
-    logps = torch.zeros(pairs, dtype=per_token.dtype, device=per_token.device).index_add(0, slots, per_token)
-    counts = torch.zeros(pairs, dtype=torch.long, device=slots.device).index_add(0, slots, torch.ones_like(slots))
-    return logps, counts
+    logps = torch.zeros(2 * hidden.size(0), dtype=per_token.dtype, device=per_token.device)
+    return logps.index_add(0, slots, per_token)

@@ -15,11 +15,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import PretrainedConfig
 
 from qod_lightning.artifacts import check_writable
 from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import response_logps, sequence_logps
 from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
+
+
+def has_plain_lm_head(config: PretrainedConfig) -> bool:
+    """Whether the causal-LM's logits are just ``lm_head(hidden)`` (no logit soft-capping)."""
+    return not getattr(config, "final_logit_softcapping", None)
 
 
 def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +44,7 @@ def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch
 
     """
     causal_lm = model.get_base_model()
-    if getattr(causal_lm.config, "final_logit_softcapping", None):
+    if not has_plain_lm_head(causal_lm.config):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sequence_logps(logits, batch["labels"])
     decoder = causal_lm.get_decoder()

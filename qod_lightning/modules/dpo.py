@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
 from qod_lightning.losses import dpo_loss
 from qod_lightning.model import ModelSettings, count_parameters
-from qod_lightning.modules.common import AdapterModule, batch_logps
+from qod_lightning.modules.common import AdapterModule, batch_logps, has_plain_lm_head
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take a custom 4D mask, as packed pairs need."""
@@ -30,7 +30,7 @@ def can_pack(model: PeftModel, batch: dict[str, torch.Tensor]) -> bool:
     config = model.get_base_model().config
     if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
         return False
-    if getattr(config, "final_logit_softcapping", None):
+    if not has_plain_lm_head(config):
         return False
     window = getattr(config, "sliding_window", None)
     return window is None or int(batch["packed_positions"].max()) + 1 < window
@@ -61,7 +61,7 @@ def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: b
     hidden = causal_lm.get_decoder()(
         input_ids=batch["packed_ids"], attention_mask=mask, position_ids=batch["packed_positions"], use_cache=False
     ).last_hidden_state  # (B, L, H)
-    return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)[0]
+    return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
