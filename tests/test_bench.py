@@ -42,6 +42,70 @@ def test_cycled_jsonl_has_exactly_the_requested_records(tmp_path, small_data):
     assert len(lines) == 30 and lines[:12] == source and lines[12:24] == source
 
 
+def test_prompt_repeat_makes_every_sft_example_fill_max_length(tmp_path, tiny_model_dir, small_data):
+    from qod_lightning.bench.common import StageSpec, data_module, sequence_tokens
+
+    out = write_cycled_jsonl(small_data["sft"], 6, tmp_path / "x.jsonl", prompt_repeat=20)
+    first = json.loads(out.read_text().splitlines()[0])
+    original = json.loads(small_data["sft"].read_text().splitlines()[0])
+    assert first["input"] == "\n".join([original["input"]] * 20) and first["response"] == original["response"]
+    spec = StageSpec("sft", "ours", str(tiny_model_dir), str(out), str(tmp_path), 3, 0, 2, 128, 1e-3)
+    examples = data_module(spec).train_set.examples
+    assert [len(e["input_ids"]) for e in examples] == [128] * 6
+    assert sequence_tokens(spec, examples) == 6 * 128
+
+
+def test_random_phi3_parameter_count_and_mfu(tmp_path):
+    from qod_lightning.bench.gpu import PHI3_MINI, build_random_phi3, mfu, parameter_count
+    from tests.tiny import build_tokenizer
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small["num_key_value_heads"] = 4
+    path = build_random_phi3(tmp_path / "m", build_tokenizer(), small)
+    vocab, h, i = PHI3_MINI["vocab_size"], 32, 64
+    # embeddings + lm_head + per layer (qkv, o, gate_up, down, 2 norms) + final norm
+    expected = 2 * vocab * h + 2 * (h * 3 * h + h * h + h * 2 * i + i * h + 2 * h) + h
+    assert parameter_count(path) == expected
+    config = json.loads((path / "config.json").read_text())
+    assert config["vocab_size"] == 32064 and config["sliding_window"] == 2047
+    sft = {"sequence_tokens": 8192, "steps": 2, "median_step_s": 0.5, "sequence_tokens_per_s": 1000.0}
+    stages = {"sft": {"ours": sft}, "dpo": {"ours": {"sequence_tokens_per_s": 1.0}}}
+    found = mfu(stages, 3_821_079_552, 800.0)
+    assert list(found["sft"]) == ["ours"]  # DPO runs are not counted
+    assert math.isclose(found["sft"]["ours"]["mfu"], 4 * 3_821_079_552 * 1000 / 800e12)
+    assert math.isclose(found["sft"]["ours"]["median_step_mfu"], 4 * 3_821_079_552 * 8192 / 800e12)
+
+
+def test_gpu_table_and_result_name(tmp_path, monkeypatch):
+    from qod_lightning.commands.bench import write_result
+
+    result = {
+        "model": "phi3-mini-random",
+        "settings": {"quant": "4bit"},
+        "stages": {"sft": {"ours": {"sequence_tokens": 40960, "stage_s": 4.0}}},
+        "gpu": {
+            "name": "NVIDIA H200",
+            "peak_bf16_tflops": 790.0,
+            "parameters": 3_821_079_552,
+            "mfu": {
+                "sft": {
+                    "ours": {
+                        "tokens_per_s": 10240.0,
+                        "mfu": 0.198,
+                        "median_step_tokens_per_s": 11000.0,
+                        "median_step_mfu": 0.213,
+                    }
+                }
+            },
+        },
+    }
+    text = report.gpu_table(result)
+    assert "19.800" in text and "NVIDIA H200: measured bf16 peak 790 TFLOP/s" in text
+    monkeypatch.chdir(tmp_path)
+    path = write_result(result, None)
+    assert path.as_posix() == "benchmarks/results/phi3-mini-random_4bit_nvidia-h200.json"
+
+
 def test_agreement_tolerances():
     ours = {"losses": [0.6931], "first_batch_logps": {"chosen": -640.0, "rejected": -50.0}}
     close = {"losses": [0.69312], "first_batch_logps": {"chosen": -640.0 + 6.1e-5, "rejected": -50.00005}}

@@ -218,3 +218,34 @@ def test_unwritable_output_dir_fails_before_training(tiny_model_dir, small_data,
     with pytest.raises(PermissionError, match=r"cannot write to .*file/out"):
         run.fit(module, dm)
     assert run.global_step == 0
+
+
+def test_dpo_reference_is_scored_at_the_training_precision(tiny_model_dir, small_data, tmp_path):
+    """Under bf16-mixed the unchanged policy's first loss is exactly log 2 (reference under autocast too)."""
+    import math
+
+    settings = ModelSettings(str(tiny_model_dir))
+    settings.lora.dropout = 0.0
+    dpo = DPOModule(settings, optimizer=sgd(0.0), output_dir=str(tmp_path / "dpo"))
+    dm = PreferenceDataModule(str(tiny_model_dir), str(small_data["preferences"]), val_fraction=0.0, batch_size=2)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(trainer.callback_metrics["train/loss_step"]))
+
+    trainer(tmp_path, max_steps=1, precision="bf16-mixed", callbacks=[Record()]).fit(dpo, dm)
+    assert losses and abs(losses[0] - math.log(2)) < 1e-6
+
+
+def test_setup_turns_off_cudnn_attention_on_a_gpu_only(tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    module = SFTModule(ModelSettings(str(tiny_model_dir)))
+    for device in ("cpu", "cuda"):
+        strategy = SimpleNamespace(root_device=torch.device(device))
+        module._trainer = SimpleNamespace(strategy=strategy, is_global_zero=False)
+        module.setup("fit")
+    assert calls == [False]

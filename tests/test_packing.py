@@ -104,13 +104,13 @@ def _pairs(seed: int = 0) -> list[dict[str, list[int]]]:
     return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in lengths]
 
 
-def _batch(items):
+def _batch(items, multiple: int = 1):
     rows = [
         {"input_ids": item["prompt_ids"] + item[key], "labels": [IGNORE_INDEX] * len(item["prompt_ids"]) + item[key]}
         for key in ("chosen_ids", "rejected_ids")
         for item in items
     ]
-    return pad_batch(rows, 0) | pack_pairs(items, 0)
+    return pad_batch(rows, 0, pad_to_multiple_of=multiple) | pack_pairs(items, 0, multiple)
 
 
 def _one_row_at_a_time(model, items) -> torch.Tensor:
@@ -151,6 +151,21 @@ def test_packed_rows_equal_one_row_per_answer(arch, attn):
     torch.testing.assert_close(packed, expected, **TOL)
     torch.testing.assert_close(two_rows, expected, **TOL)
     assert_grads_close(packed_grads, expected_grads)
+
+
+def test_padding_to_a_multiple_changes_shapes_not_log_probs():
+    model = _model("phi3", "sdpa")
+    items = _pairs(seed=2)
+    plain, padded = _batch(items), _batch(items, multiple=16)
+    assert plain["packed_ids"].shape[1] == 14 and padded["packed_ids"].shape[1] == 16
+    assert plain["input_ids"].shape[1] == 13 and padded["input_ids"].shape[1] == 16
+    assert padded["attention_mask"][:, 13:].sum() == 0
+    for share_prompt in (True, False):
+        torch.testing.assert_close(
+            pair_logps(model, padded, share_prompt), pair_logps(model, plain, share_prompt), **TOL
+        )
+    with pytest.raises(ValueError, match="at least 1"):
+        pack_pairs(items, 0, pad_to_multiple_of=0)
 
 
 def test_packed_rows_with_gradient_checkpointing():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import re
 import resource
@@ -51,6 +52,10 @@ class StageSpec:
         import_trl: Import TRL's trainers in our runs too, so both processes hold the same libraries
             and peak RSS compares the training, not the imports.
         seed: Seed of the data order, the adapter init and the frameworks.
+        device: ``cpu`` (fp32 weights and compute) or ``cuda`` (bf16 weights, bf16 autocast, LoRA
+            weights in fp32 as in ``configs/sft.yaml``).
+        gradient_checkpointing: Recompute activations in backward (both frameworks).
+        pad_to_multiple_of: Batch length rounded up to a multiple of this (both frameworks).
     """
 
     stage: str
@@ -74,6 +79,9 @@ class StageSpec:
     trl_fp32_lora: bool = True
     import_trl: bool = False
     seed: int = 42
+    device: str = "cpu"
+    gradient_checkpointing: bool = False
+    pad_to_multiple_of: int = 1
 
     @property
     def label(self) -> str:
@@ -118,6 +126,11 @@ class BenchOptions:
         out: Result JSON path.
         workdir: Scratch directory (a temporary one when ``None``).
         seed: Seed of data order and adapter init.
+        device: ``cpu`` or ``cuda`` (see :attr:`StageSpec.device`).
+        gradient_checkpointing: See :attr:`StageSpec.gradient_checkpointing`.
+        prompt_repeat: Repeat every record's request this many times, so that prompts are cut from
+            the left to fill ``max_length`` (the GPU point at sequence length 512).
+        pad_to_multiple_of: See :attr:`StageSpec.pad_to_multiple_of`.
     """
 
     model: str = "tiny"
@@ -149,6 +162,10 @@ class BenchOptions:
     out: str | None = None
     workdir: str | None = None
     seed: int = 42
+    device: str = "cpu"
+    gradient_checkpointing: bool = False
+    prompt_repeat: int = 1
+    pad_to_multiple_of: int = 1
 
     def to_json(self) -> dict[str, Any]:
         """The options as JSON-ready values."""
@@ -158,13 +175,16 @@ class BenchOptions:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def write_cycled_jsonl(source: str | Path, count: int, target: str | Path) -> Path:
+def write_cycled_jsonl(source: str | Path, count: int, target: str | Path, prompt_repeat: int = 1) -> Path:
     """Write ``count`` records to ``target``: those of ``source`` in order, cycled as often as needed.
 
     Args:
         source: A JSONL file.
         count: Records to write.
         target: Output path.
+        prompt_repeat: Write each record's request (``input`` of an SFT record, ``prompt`` of a
+            preference pair) this many times over, one copy per line; the data module then cuts
+            the prompt from the left so every example fills ``max_length``.
 
     Returns:
         ``target``.
@@ -175,9 +195,18 @@ def write_cycled_jsonl(source: str | Path, count: int, target: str | Path) -> Pa
     lines = [line for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{source}: no records")
+    if prompt_repeat > 1:
+        lines = [_repeat_request(line, prompt_repeat) for line in lines]
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text("\n".join(lines[i % len(lines)] for i in range(count)) + "\n", encoding="utf-8")
     return Path(target)
+
+
+def _repeat_request(line: str, times: int) -> str:
+    record = json.loads(line)
+    key = "prompt" if "prompt" in record else "input"
+    record[key] = "\n".join([record[key]] * times)
+    return json.dumps(record, ensure_ascii=False)
 
 
 def data_module(spec: StageSpec) -> Any:
@@ -192,6 +221,7 @@ def data_module(spec: StageSpec) -> Any:
         val_fraction=0.0,
         max_length=spec.max_length,
         batch_size=spec.batch_size,
+        pad_to_multiple_of=spec.pad_to_multiple_of,
         seed=spec.seed,
     )
     dm.setup("fit")
@@ -210,23 +240,41 @@ def response_tokens(spec: StageSpec, examples: list[dict[str, Any]]) -> int:
     return sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
 
 
+def sequence_tokens(spec: StageSpec, examples: list[dict[str, Any]]) -> int:
+    """Tokens that go through the model, padding excluded: SFT rows; DPO as two rows per pair.
+
+    A DPO pair counts ``2 * prompt + chosen + rejected``, the tokens that two unpadded rows hold,
+    whether or not a framework scores the shared prompt once.
+    """
+    if spec.stage == "sft":
+        return sum(len(e["input_ids"]) for e in examples)
+    return sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+
+
 def model_settings(spec: StageSpec) -> Any:
     """The :class:`~qod_lightning.model.ModelSettings` both frameworks load ``spec``'s model with."""
     from qod_lightning.model import LoRASettings, ModelSettings, QuantizationSettings
 
+    dtype = "bfloat16" if spec.device == "cuda" else "float32"
     return ModelSettings(
         model_name_or_path=spec.model_path,
         adapter_path=spec.adapter_path,
-        dtype="float32",
+        dtype=dtype,
         attn_implementation="sdpa",
-        gradient_checkpointing=False,
+        gradient_checkpointing=spec.gradient_checkpointing,
         lora=LoRASettings(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout),
-        quantization=QuantizationSettings(load_in_4bit=spec.quant == "4bit", compute_dtype="float32"),
+        quantization=QuantizationSettings(load_in_4bit=spec.quant == "4bit", compute_dtype=dtype),
     )
 
 
 def make_start_adapter(
-    model_path: str, out_dir: str | Path, r: int = 16, alpha: int = 16, seed: int = 0, scale: float = 0.02
+    model_path: str,
+    out_dir: str | Path,
+    r: int = 16,
+    alpha: int = 16,
+    seed: int = 0,
+    scale: float = 0.02,
+    dtype: str = "float32",
 ) -> Path:
     """Save a stand-in for an SFT adapter: PEFT's ``A`` init and ``B ~ N(0, scale^2)``, dropout 0.
 
@@ -242,6 +290,7 @@ def make_start_adapter(
         alpha: LoRA alpha.
         seed: Seed of ``A`` and ``B``.
         scale: Standard deviation of ``B``.
+        dtype: Dtype the base model is loaded in (``bfloat16`` halves the memory of a large model).
 
     Returns:
         ``out_dir``.
@@ -249,7 +298,7 @@ def make_start_adapter(
     from qod_lightning.model import LoRASettings, ModelSettings, build_model
 
     torch.manual_seed(seed)
-    model = build_model(ModelSettings(model_path, lora=LoRASettings(r=r, alpha=alpha, dropout=0.0)))
+    model = build_model(ModelSettings(model_path, dtype=dtype, lora=LoRASettings(r=r, alpha=alpha, dropout=0.0)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -277,13 +326,22 @@ def warm_up(model: Any, batches: list[dict[str, torch.Tensor]]) -> float:
     start = time.perf_counter()
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     for batch in batches:
-        logps, _ = batch_logps(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logps, _ = batch_logps(model, {k: v.to(device) for k, v in batch.items()})
         (-logps.sum()).backward()
     for param in model.parameters():
         param.grad = None
     model.train(was_training)
+    synchronize()
     return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a host clock read after it covers that work (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def first_batches(dm: Any, count: int) -> list[dict[str, torch.Tensor]]:
@@ -356,18 +414,25 @@ def process_peak_rss_mb() -> float:
 
 @contextmanager
 def stage_clock() -> Iterator[dict[str, float]]:
-    """Time a block and record its peak RSS; yields the dict the numbers are written into."""
+    """Time a block and record its peak RSS (and peak GPU memory); yields the dict the numbers go into."""
     numbers: dict[str, float] = {}
     release_free_memory()
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     numbers["rss_at_start_mb"] = current_rss_mb()
     numbers["peak_reset"] = float(reset_peak_rss())
     start = time.perf_counter()
     try:
         yield numbers
     finally:
+        synchronize()
         numbers["stage_s"] = time.perf_counter() - start
         numbers["peak_rss_mb"] = peak_rss_mb()
         numbers["process_peak_rss_mb"] = process_peak_rss_mb()
+        if gpu:
+            numbers["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 def summarize(
@@ -393,6 +458,7 @@ def summarize(
     """
     step_times = [b - a for a, b in zip([train_start, *step_ends[:-1]], step_ends, strict=True)]
     tokens = response_tokens(spec, examples)
+    seq_tokens = sequence_tokens(spec, examples)
     stage_s = numbers["stage_s"]
     ordered = sorted(step_times) or [float("nan")]
     return {
@@ -404,6 +470,8 @@ def summarize(
         "response_tokens": tokens,
         "stage_s": stage_s,
         "response_tokens_per_s": tokens / stage_s,
+        "sequence_tokens": seq_tokens,
+        "sequence_tokens_per_s": seq_tokens / stage_s,
         "examples_per_s": len(examples) / stage_s,
         "step_times_s": step_times,
         "median_step_s": ordered[len(ordered) // 2],

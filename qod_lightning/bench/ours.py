@@ -12,11 +12,13 @@ import torch
 
 from qod_lightning.bench.common import (
     StageSpec,
+    current_rss_mb,
     data_module,
     first_batches,
     model_settings,
     stage_clock,
     summarize,
+    synchronize,
     training_order,
     warm_up,
 )
@@ -40,7 +42,7 @@ class BenchDPOModule(_NoFinalSave, DPOModule):
 
 
 class StepRecorder(L.Callback):
-    """Record when reference precomputation and every optimizer step end, the losses, and the first batch's log-probs.
+    """Record when reference precomputation and every optimizer step end, losses, first-batch log-probs, RSS probes.
 
     Lightning calls callbacks' ``on_fit_start`` before the module's (where :class:`DPOModule` computes
     its reference log-probs) and ``on_train_start`` after it, so the gap is the precomputation.
@@ -51,20 +53,25 @@ class StepRecorder(L.Callback):
         self.step_ends: list[float] = []
         self.losses: list[float] = []
         self.first_logps: dict[str, float] | None = None
+        self.rss_mb: dict[str, float] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Clock the start of fit."""
         self.fit_start = time.perf_counter()
+        self.rss_mb["fit_start"] = current_rss_mb()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Clock the start of the first step."""
         self.train_start = time.perf_counter()
+        self.rss_mb["train_start"] = current_rss_mb()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Clock the step, keep its loss and, on the first DPO batch, the mean policy log-probs."""
+        synchronize()
         self.step_ends.append(time.perf_counter())
+        self.rss_mb.setdefault("first_step_end", current_rss_mb())
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         metrics = trainer.callback_metrics
@@ -85,11 +92,15 @@ def build_module(spec: StageSpec) -> L.LightningModule:
 
 
 def build_trainer(spec: StageSpec, recorder: StepRecorder) -> L.Trainer:
-    """A Lightning ``Trainer`` of ``spec.steps`` steps: fp32, clip 1.0, no validation, logger or checkpoints."""
+    """A Lightning ``Trainer`` of ``spec.steps`` steps: clip 1.0, no validation, logger or checkpoints.
+
+    fp32 on the CPU; bf16 autocast on a GPU (``configs/sft.yaml``'s ``bf16-mixed``).
+    """
+    gpu = spec.device == "cuda"
     return L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if gpu else "cpu",
         devices=1,
-        precision="32-true",
+        precision="bf16-mixed" if gpu else "32-true",
         max_steps=spec.steps,
         max_epochs=1,
         accumulate_grad_batches=1,
@@ -139,6 +150,7 @@ def run_ours(spec: StageSpec) -> dict[str, Any]:
         precompute_s=recorder.train_start - recorder.fit_start if spec.stage == "dpo" else 0.0,
         losses=recorder.losses,
         first_batch_logps=recorder.first_logps,
+        rss_probes_mb=recorder.rss_mb,
         model_load_s=model_load_s,
         warmup_s=warmup_s,
     )

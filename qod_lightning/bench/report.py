@@ -336,6 +336,30 @@ def generation_table(generation: dict[str, Any]) -> str:
     return text
 
 
+def gpu_table(result: dict[str, Any]) -> str:
+    """Training tokens/s and model FLOPs utilisation of every SFT run on the GPU."""
+    gpu = result["gpu"]
+    runs = result.get("stages", {}).get("sft", {})
+    rows = [
+        [
+            label,
+            runs[label]["sequence_tokens"],
+            runs[label]["stage_s"],
+            found["tokens_per_s"],
+            100 * found["mfu"],
+            found["median_step_tokens_per_s"],
+            100 * found["median_step_mfu"],
+        ]
+        for label, found in gpu["mfu"].get("sft", {}).items()
+    ]
+    header = ["SFT run", "tokens", "stage s", "tokens/s", "MFU %", "median-step tokens/s", "median-step MFU %"]
+    text = table(header, rows)
+    return text + (
+        f"\n{gpu['name']}: measured bf16 peak {gpu['peak_bf16_tflops']:.0f} TFLOP/s; "
+        f"MFU = 4 x {gpu['parameters']:,} parameters x tokens/s / peak"
+    )
+
+
 def targets_table(rows: list[dict[str, Any]]) -> str:
     """The issue's targets with measured values."""
     return table(["target", "measured", "met"], [[r["target"], r["measured"], r["met"]] for r in rows])
@@ -348,7 +372,8 @@ def render(result: dict[str, Any]) -> str:
     parts = [
         f"model {result['model']} ({s['quant']}), LoRA r{s['lora_r']} alpha{s['lora_alpha']}, {batch}, "
         f"max_length {s['max_length']}, {s['steps']} steps after {s['warmup_steps']} warm-up passes, "
-        f"{s['threads']} thread(s); {result['machine']['cpu_model']}, {result['machine']['cpu_cores']} cores",
+        f"{s['threads']} thread(s), device {s.get('device', 'cpu')}; "
+        f"{result['machine']['cpu_model']}, {result['machine']['cpu_cores']} cores",
         f"memory: {result['rss_method']}",
     ]
     if result.get("stages"):
@@ -359,6 +384,8 @@ def render(result: dict[str, Any]) -> str:
         ]
     if result.get("agreement"):
         parts += ["", "Agreement with TRL", agreement_table(result)]
+    if result.get("gpu"):
+        parts += ["", "GPU (tokens: all non-padding positions trained)", gpu_table(result)]
     if result.get("generation"):
         parts += ["", "Inference", generation_table(result["generation"])]
     if result.get("scaling"):

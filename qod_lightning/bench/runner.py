@@ -31,6 +31,7 @@ from qod_lightning.bench.common import (
     make_start_adapter,
     write_cycled_jsonl,
 )
+from qod_lightning.bench.gpu import describe_gpu, mfu, parameter_count
 from qod_lightning.bench.inference import GenerationSpec, run_generation
 
 T = TypeVar("T")
@@ -86,25 +87,39 @@ def run_stage(spec: StageSpec) -> dict[str, Any]:
 # -- preparation ----------------------------------------------------------------------------------
 
 
+def _tiny_module() -> Any:
+    """``tests/tiny.py`` of the source checkout: the tiny random Phi-3 and its BPE tokenizer."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    try:
+        import tests.tiny
+    except ImportError as err:
+        raise RuntimeError("--model tiny and phi3-mini need tests/tiny.py of a source checkout") from err
+    return tests.tiny
+
+
 def build_tiny_model(directory: Path) -> Path:
     """The tiny random Phi-3 of ``tests/tiny.py`` (built once per work directory)."""
     if (directory / "config.json").is_file():
         return directory
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    try:
-        from tests.tiny import build_tiny_phi3
-    except ImportError as err:
-        raise RuntimeError("--model tiny needs the repository's tests/tiny.py (run from a source checkout)") from err
-    return build_tiny_phi3(directory)
+    return _tiny_module().build_tiny_phi3(directory)
 
 
 def resolve_model(name: str, workdir: Path) -> tuple[str, str]:
-    """Return ``(label, local directory)`` for ``tiny``, ``embedded``, ``embedded:NAME`` or a path."""
+    """Return ``(label, local directory)`` for ``tiny``, ``phi3-mini``, ``embedded[:NAME]`` or a path.
+
+    ``phi3-mini`` is Phi-3-mini's shape with random weights and the tiny tokenizer (nothing
+    downloaded): for timing only.
+    """
     from qod_lightning.model import resolve_model_path
 
     if name == "tiny":
         return "tiny-phi3", str(build_tiny_model(workdir / "tiny-phi3"))
+    if name == "phi3-mini":
+        from qod_lightning.bench.gpu import build_random_phi3
+
+        tokenizer = _tiny_module().build_tokenizer()
+        return "phi3-mini-random", str(build_random_phi3(workdir / "phi3-mini-random", tokenizer))
     if name == "embedded":
         name = "embedded:smollm2-135m"
     path = resolve_model_path(name)
@@ -116,12 +131,15 @@ def stage_specs(options: BenchOptions, stage: str, model_path: str, workdir: Pat
     source = options.sft_data if stage == "sft" else options.dpo_data
     batch_size = options.dpo_batch_size if stage == "dpo" and options.dpo_batch_size else options.batch_size
     count = options.steps * batch_size
-    data = write_cycled_jsonl(source, count, workdir / f"{stage}_{count}.jsonl")
+    data = write_cycled_jsonl(source, count, workdir / f"{stage}_{count}.jsonl", options.prompt_repeat)
     adapter = None
     if stage == "dpo":
         adapter = str(workdir / "start_adapter")
         if not (Path(adapter) / "adapter_config.json").is_file():
-            make_start_adapter(model_path, adapter, r=options.lora_r, alpha=options.lora_alpha, seed=options.seed)
+            dtype = "bfloat16" if options.device == "cuda" else "float32"
+            make_start_adapter(
+                model_path, adapter, r=options.lora_r, alpha=options.lora_alpha, seed=options.seed, dtype=dtype
+            )
     base = StageSpec(
         stage=stage,
         framework="ours",
@@ -143,6 +161,9 @@ def stage_specs(options: BenchOptions, stage: str, model_path: str, workdir: Pat
         trl_fp32_lora=options.trl_fp32_lora,
         import_trl=options.compare == "trl",
         seed=options.seed,
+        device=options.device,
+        gradient_checkpointing=options.gradient_checkpointing,
+        pad_to_multiple_of=options.pad_to_multiple_of,
     )
     specs = [base]
     if options.compare == "trl":
@@ -211,12 +232,14 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
 
     Returns:
         The JSON-ready result: ``machine``, ``settings``, ``stages``, ``ratios``, ``agreement``,
-        ``generation``, ``scaling`` and ``targets``.
+        ``gpu`` (on a GPU: the card, its measured bf16 peak and each SFT run's MFU), ``generation``,
+        ``scaling`` and ``targets``.
     """
     with tempfile.TemporaryDirectory(prefix="qod-bench-") as tmp:
         workdir = Path(options.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         label, model_path = resolve_model(options.model, workdir)
+        gpu_info = describe_gpu() if options.device == "cuda" else None
         result: dict[str, Any] = {
             "model": label,
             "model_path": model_path,
@@ -229,6 +252,10 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
         result["stages"] = stages
         result["ratios"] = {stage: report.ratios(runs) for stage, runs in stages.items()}
         result["agreement"] = {stage: report.agreement(stage, runs) for stage, runs in stages.items()}
+        if gpu_info is not None:
+            parameters = parameter_count(model_path)
+            gpu_info.update(parameters=parameters, mfu=mfu(stages, parameters, gpu_info["peak_bf16_tflops"]))
+            result["gpu"] = gpu_info
         if "generate" in options.stages:
             spec = GenerationSpec(
                 model_path=model_path,

@@ -16,7 +16,8 @@ TRL 1.16 specifics (line numbers of the installed ``trl/``):
   it exactly as our collate does (chosen rows, then rejected rows, one length).
 * The base config defaults to ``gradient_checkpointing=True`` and ``bf16=True``
   (``trainer/base_config.py:63,108``) and transformers 5 to the fused AdamW (``optim`` default
-  ``adamw_torch_fused``); all three are overridden here to match our fp32 runs with plain AdamW.
+  ``adamw_torch_fused``); all three are overridden here to match our runs (fp32 on the CPU, bf16
+  autocast on a GPU) with plain AdamW.
 * Given a ``PeftModel`` that already has an adapter, ``DPOTrainer`` copies it into a frozen ``ref``
   adapter for the reference (``dpo_trainer.py:689``). With ``precompute_ref_log_probs=True`` the
   reference pass runs in ``__init__`` after hashing every model parameter (``:981``) and is cached
@@ -44,11 +45,13 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from qod_lightning.bench.common import (
     StageSpec,
+    current_rss_mb,
     data_module,
     first_batches,
     model_settings,
     stage_clock,
     summarize,
+    synchronize,
     training_order,
     warm_up,
 )
@@ -61,14 +64,18 @@ class StepClock(TrainerCallback):
     def __init__(self) -> None:
         self.train_start = 0.0
         self.step_ends: list[float] = []
+        self.rss_mb: dict[str, float] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Clock the start of the first step."""
         self.train_start = time.perf_counter()
+        self.rss_mb["train_start"] = current_rss_mb()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Clock the end of an optimizer step."""
+        synchronize()
         self.step_ends.append(time.perf_counter())
+        self.rss_mb.setdefault("first_step_end", current_rss_mb())
 
 
 class _SequentialMixin:
@@ -145,10 +152,10 @@ def _common_args(spec: StageSpec) -> dict[str, Any]:
         "weight_decay": 0.0,
         "optim": "adamw_torch",  # torch.optim.AdamW, not the fused default: ours uses the plain one
         "max_grad_norm": 1.0,
-        "bf16": False,
+        "bf16": spec.device == "cuda",  # bf16 autocast on a GPU, like our bf16-mixed
         "fp16": False,
-        "use_cpu": True,
-        "gradient_checkpointing": False,
+        "use_cpu": spec.device == "cpu",
+        "gradient_checkpointing": spec.gradient_checkpointing,
         "dataloader_num_workers": 0,
         "report_to": "none",
         "save_strategy": "no",
@@ -156,6 +163,7 @@ def _common_args(spec: StageSpec) -> dict[str, Any]:
         "disable_tqdm": True,
         "seed": spec.seed,
         "max_length": spec.max_length,
+        "pad_to_multiple_of": spec.pad_to_multiple_of if spec.pad_to_multiple_of > 1 else None,
     }
 
 
@@ -236,6 +244,7 @@ def run_trl(spec: StageSpec) -> dict[str, Any]:
         precompute_s=state.get("bench_precompute_s"),  # None: reference forward in every step
         losses=state.get("bench_losses", []),
         first_batch_logps=state.get("bench_first_logps"),
+        rss_probes_mb=clock.rss_mb,
         model_load_s=model_load_s,
         warmup_s=warmup_s,
         lora_restored_to_fp32=restored,

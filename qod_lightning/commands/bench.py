@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark our SFT/DPO training against TRL's, and generation speed.",
     )
     parser.add_argument("--compare", choices=("trl", "none"), default="trl", help="run TRL's trainers too (default)")
-    parser.add_argument("--model", default="tiny", help="tiny (random Phi-3), embedded (SmolLM2-135M) or a model dir")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (random Phi-3), phi3-mini (its real shape, random weights), embedded (SmolLM2-135M) or a model dir",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (fp32) or cuda (bf16 autocast, MFU reported)"
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (both sides)")
+    parser.add_argument(
+        "--pad-to-multiple-of", type=positive_int, default=1, help="round batch lengths up (both sides; default 1)"
+    )
+    parser.add_argument(
+        "--prompt-repeat",
+        type=positive_int,
+        default=1,
+        help="repeat each request N times so prompts, cut from the left, fill --max-length (default 1)",
+    )
     parser.add_argument("--quant", choices=("none", "4bit"), default="none", help="fp32 LoRA or 4-bit NF4 QLoRA")
     parser.add_argument("--steps", type=positive_int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="warm-up passes before the clock (default 2)")
@@ -90,6 +108,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
     """Turn parsed arguments into :class:`~qod_lightning.bench.common.BenchOptions` (files checked)."""
     from qod_lightning.bench.common import BenchOptions
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: torch sees no CUDA GPU", 1)
     if args.compare == "trl" and importlib.util.find_spec("trl") is None:
         raise CommandError("--compare trl needs TRL: pip install -e '.[bench]' (or use --compare none)", 1)
     if "sft" in args.stages:
@@ -126,6 +149,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
         isolate=not args.no_isolate,
         out=args.out,
         workdir=args.workdir,
+        device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
+        prompt_repeat=args.prompt_repeat,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )
 
 
@@ -141,8 +168,11 @@ def _finite(obj: Any) -> Any:
 
 
 def write_result(result: dict[str, Any], out: str | None) -> Path:
-    """Write ``result`` as JSON to ``out`` or ``benchmarks/results/<model>_<quant>.json``."""
-    path = Path(out or f"benchmarks/results/{result['model']}_{result['settings']['quant']}.json")
+    """Write ``result`` as JSON to ``out`` or ``benchmarks/results/<model>_<quant>[_<gpu>].json``."""
+    name = f"{result['model']}_{result['settings']['quant']}"
+    if result.get("gpu"):
+        name += "_" + re.sub(r"[^a-z0-9]+", "-", result["gpu"]["name"].lower()).strip("-")
+    path = Path(out or f"benchmarks/results/{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(_finite(result), indent=2) + "\n")
     return path

@@ -48,6 +48,9 @@ class TokenizedDataModule(L.LightningDataModule):
         eval_batch_size: Examples per validation batch (default: ``batch_size``).
         prompt_format: ``alpaca`` or ``chat``.
         group_by_length: Sort examples by length within each optimizer step's chunk.
+        pad_to_multiple_of: Pad every batch to a length that is a multiple of this (1: the longest
+            row). On a GPU, 64 keeps the number of distinct shapes, and so of per-shape kernel
+            set-ups, small; on a CPU the extra padding only costs.
         num_workers: DataLoader workers.
         seed: Seed of the split and of the shuffling.
 
@@ -64,12 +67,15 @@ class TokenizedDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         prompt_format: PromptFormat = "alpaca",
         group_by_length: bool = False,
+        pad_to_multiple_of: int = 1,
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
         self.save_hyperparameters()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: ExampleDataset | None = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from qod_lightning.data.tokenize import IGNORE_INDEX
+from qod_lightning.data.tokenize import IGNORE_INDEX, padded_length
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 """Segment ids of a packed row."""
@@ -54,12 +54,14 @@ def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict
     }
 
 
-def pack_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack_pairs(items: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Pack a batch of pairs, one row each, right-padded to the longest row.
 
     Args:
         items: Examples with ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``.
         pad_token_id: Id written into padding.
+        pad_to_multiple_of: Round the row length up to a multiple of this (see
+            :func:`~qod_lightning.data.tokenize.padded_length`).
 
     Returns:
         ``packed_ids``, ``packed_positions``, ``packed_segments``, ``packed_targets`` and
@@ -68,7 +70,7 @@ def pack_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
 
     """
     rows = [pack_pair(item["prompt_ids"], item["chosen_ids"], item["rejected_ids"]) for item in items]
-    longest = max(len(row["ids"]) for row in rows)
+    longest = padded_length(max(len(row["ids"]) for row in rows), pad_to_multiple_of)
     fills = {"ids": pad_token_id, "positions": 0, "segments": PAD, "targets": IGNORE_INDEX, "sources": 0}
     return {
         f"packed_{key}": torch.tensor([row[key] + [fill] * (longest - len(row[key])) for row in rows])

@@ -86,4 +86,5 @@ class PreferenceDataModule(TokenizedDataModule):
             for key in ("chosen_ids", "rejected_ids")
             for item in items
         ]
-        return pad_batch(rows, self.tokenizer.pad_token_id) | pack_pairs(items, self.tokenizer.pad_token_id)
+        pad_id, multiple = self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of
+        return pad_batch(rows, pad_id, pad_to_multiple_of=multiple) | pack_pairs(items, pad_id, multiple)

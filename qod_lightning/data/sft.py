@@ -62,7 +62,7 @@ class SFTDataModule(TokenizedDataModule):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example."""
-        return pad_batch(items, self.tokenizer.pad_token_id)
+        return pad_batch(items, self.tokenizer.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of)
 
 
 def warn_about_records(

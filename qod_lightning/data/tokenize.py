@@ -113,8 +113,22 @@ def fit_to_length(prompt_ids: list[int], response_ids: list[int], max_length: in
     return prompt_ids[len(prompt_ids) - room :]
 
 
+def padded_length(longest: int, multiple: int) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``.
+
+    A GPU kernel picked or built per input shape (cuBLAS heuristics, cuDNN attention graphs) is
+    then chosen for few distinct lengths instead of one per batch.
+    """
+    if multiple < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {multiple}")
+    return -(-longest // multiple) * multiple
+
+
 def pad_batch(
-    sequences: list[dict[str, list[int]]], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "labels")
+    sequences: list[dict[str, list[int]]],
+    pad_token_id: int,
+    keys: tuple[str, ...] = ("input_ids", "labels"),
+    pad_to_multiple_of: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples to the longest one (dynamic padding).
 
@@ -122,12 +136,13 @@ def pad_batch(
         sequences: Examples with ``input_ids`` and ``labels`` of equal length each.
         pad_token_id: Id written into padded ``input_ids``; padded labels are ``-100``.
         keys: The id keys to pad; the first gives the attention mask.
+        pad_to_multiple_of: Round the padded length up to a multiple of this (see :func:`padded_length`).
 
     Returns:
         ``input_ids`` and ``labels`` of shape (B, T) and ``attention_mask`` (B, T) of 0/1.
 
     """
-    longest = max(len(s[keys[0]]) for s in sequences)
+    longest = padded_length(max(len(s[keys[0]]) for s in sequences), pad_to_multiple_of)
     batch: dict[str, Any] = {}
     for key in keys:
         fill = IGNORE_INDEX if key == "labels" else pad_token_id

@@ -115,7 +115,11 @@ class DPOModule(AdapterModule):
     def compute_reference(self, loader: DataLoader, split: str) -> torch.Tensor:
         """Score every pair of ``loader`` with the current model in eval mode (no dropout).
 
-        Under DDP each rank scores its shard and the tables are summed across ranks.
+        Runs in the trainer's precision context (bf16 autocast under ``bf16-mixed``), the one the
+        policy is scored in during steps: Lightning applies it to steps, not to ``on_fit_start``,
+        and a reference scored at another precision would make the first-step DPO loss differ
+        from log 2 for an unchanged policy. Under DDP each rank scores its shard and the tables
+        are summed across ranks.
 
         Returns:
             (N, 2) chosen/rejected log-probs indexed by example index.
@@ -127,7 +131,8 @@ class DPOModule(AdapterModule):
         table, scored = torch.zeros(n, 2), torch.zeros(n)
         for batch in tqdm(loader, desc=f"Reference log-probs ({split})", disable=not self.trainer.is_global_zero):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            logps = pair_logps(self.model, batch, self.hparams.share_prompt)
+            with self.trainer.precision_plugin.forward_context():
+                logps = pair_logps(self.model, batch, self.hparams.share_prompt)
             pairs = logps.view(2, -1).T  # (B, 2): chosen, rejected
             index = batch["index"].cpu()
             table[index] = pairs.float().cpu()
