@@ -106,6 +106,12 @@ def test_gpu_table_and_result_name(tmp_path, monkeypatch):
     assert path.as_posix() == "benchmarks/results/phi3-mini-random_4bit_nvidia-h200.json"
 
 
+def test_cuda_device_times_training_only(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["--device", "cuda", "--compare", "none", "--stages", "sft,generate"]) == 2
+    assert "training only" in capsys.readouterr().err
+
+
 def test_agreement_tolerances():
     ours = {"losses": [0.6931], "first_batch_logps": {"chosen": -640.0, "rejected": -50.0}}
     close = {"losses": [0.69312], "first_batch_logps": {"chosen": -640.0 + 6.1e-5, "rejected": -50.00005}}

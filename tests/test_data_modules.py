@@ -100,6 +100,26 @@ def test_preference_batch_concatenates_chosen_then_rejected(tiny_model_dir, tmp_
         assert batch["labels"][row].tolist() == [-100] * len(prompt) + response + [-100] * pad
 
 
+def test_pad_to_multiple_of_reaches_every_layout(tiny_model_dir, sft_file, tmp_path):
+    sft = SFTDataModule(str(tiny_model_dir), str(sft_file), val_fraction=0.0, batch_size=2, pad_to_multiple_of=64)
+    sft.setup("fit")
+    batch = sft.collate([sft.train_set[0], sft.train_set[1]])
+    longest = max(len(sft.train_set[i]["input_ids"]) for i in (0, 1))
+    assert batch["input_ids"].shape[1] == -(-longest // 64) * 64
+    assert int(batch["attention_mask"].sum()) == sum(len(sft.train_set[i]["input_ids"]) for i in (0, 1))
+    path = write(tmp_path / "p.jsonl", [{"prompt": "gaming", "chosen": '{"q":"QOS_E"}', "rejected": "Sure! {}"}])
+    pref = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1, pad_to_multiple_of=64)
+    pref.setup("fit")
+    item = pref.train_set[0]
+    pairs = pref.collate([item])
+    two_rows = len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
+    packed = len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
+    assert pairs["input_ids"].shape[1] == -(-two_rows // 64) * 64
+    assert pairs["packed_ids"].shape[1] == -(-packed // 64) * 64
+    with pytest.raises(ValueError, match="at least 1"):
+        SFTDataModule(str(tiny_model_dir), str(sft_file), pad_to_multiple_of=0)
+
+
 def test_long_prompt_is_truncated_and_unfit_response_skipped(tiny_model_dir, tmp_path):
     long_input = "device 203.0.113.7 " * 40
     path = write(

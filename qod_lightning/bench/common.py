@@ -413,11 +413,10 @@ def process_peak_rss_mb() -> float:
 
 
 @contextmanager
-def stage_clock() -> Iterator[dict[str, float]]:
-    """Time a block and record its peak RSS (and peak GPU memory); yields the dict the numbers go into."""
+def stage_clock(gpu: bool = False) -> Iterator[dict[str, float]]:
+    """Time a block and record its peak RSS (and with ``gpu``, peak GPU memory); yields the numbers' dict."""
     numbers: dict[str, float] = {}
     release_free_memory()
-    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from qod_lightning.artifacts import atomic_directory
+
 PHI3_MINI = {
     "vocab_size": 32064,
     "hidden_size": 3072,
@@ -62,8 +64,9 @@ def build_random_phi3(directory: str | Path, tokenizer: Any, overrides: dict[str
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Phi3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    with atomic_directory(directory) as tmp:  # an interrupted 7.6 GB write is never taken for a model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the benchmarked runs are other processes on the same card
@@ -137,7 +140,7 @@ def mfu(stages: dict[str, dict[str, Any]], parameters: int, peak_tflops: float) 
     flops_per_token = FLOPS_PER_TOKEN_PER_PARAMETER * parameters / (peak_tflops * 1e12)
     found = {}
     for label, run in stages.get("sft", {}).items():
-        step_rate = run["sequence_tokens"] / run["steps"] / run["median_step_s"]
+        step_rate = run["sequence_tokens"] / run["steps"] / run["median_step_s"] if run["steps"] else float("nan")
         found[label] = {
             "tokens_per_s": run["sequence_tokens_per_s"],
             "mfu": flops_per_token * run["sequence_tokens_per_s"],

@@ -71,7 +71,8 @@ class StepRecorder(L.Callback):
         """Clock the step, keep its loss and, on the first DPO batch, the mean policy log-probs."""
         synchronize()
         self.step_ends.append(time.perf_counter())
-        self.rss_mb.setdefault("first_step_end", current_rss_mb())
+        if "first_step_end" not in self.rss_mb:
+            self.rss_mb["first_step_end"] = current_rss_mb()
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         metrics = trainer.callback_metrics
@@ -133,11 +134,11 @@ def run_ours(spec: StageSpec) -> dict[str, Any]:
     L.seed_everything(spec.seed, verbose=False)
     dm = data_module(spec)
     load_start = time.perf_counter()
-    module = build_module(spec)
+    module = build_module(spec).to(spec.device)  # 4-bit weights are already there; others are not
     model_load_s = time.perf_counter() - load_start
     warmup_s = warm_up(module.model, first_batches(dm, spec.warmup_steps))
     recorder = StepRecorder()
-    with stage_clock() as numbers:
+    with stage_clock(gpu=spec.device == "cuda") as numbers:
         trainer = build_trainer(spec, recorder)
         trainer.fit(module, datamodule=dm)
     examples = [dm.train_set.examples[i] for i in training_order(dm)][: spec.steps * spec.batch_size]

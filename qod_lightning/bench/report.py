@@ -7,6 +7,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,23 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _commit() -> str | None:
+    """The commit of the checkout the harness runs from, ``-dirty`` when tracked files are edited."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, memory, load, package versions and the date (UTC)."""
+    """CPU model, cores, memory, load, package versions, the code's commit and the date (UTC)."""
     return {
+        "commit": _commit(),
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "memory_gib": _memory_gib(),

@@ -1,11 +1,12 @@
 """Orchestration: prepare model and data once, run every stage in its own process, compare, report.
 
 What is timed, per training run: the stage clock starts after the model is loaded, the data is
-tokenized and :func:`~qod_lightning.bench.common.warm_up` has run, and stops when the last optimizer
-step ends. It covers building the framework's trainer and the whole fit, including the reference
-log-prob pass: ours in ``DPOModule.on_fit_start``, TRL's in ``DPOTrainer.__init__`` when
-``precompute_ref_log_probs=True``, or a reference forward in every step otherwise. Our final
-adapter save is skipped (TRL's runs save nothing either).
+tokenized and :func:`~qod_lightning.bench.common.warm_up` has run, and stops when ``Trainer.fit``
+(ours, Lightning's teardown included) or ``train()`` (TRL's) returns. It covers building the
+framework's trainer and the whole fit, including the reference log-prob pass: ours in
+``DPOModule.on_fit_start``, TRL's in ``DPOTrainer.__init__`` when ``precompute_ref_log_probs=True``,
+or a reference forward in every step otherwise. Our final adapter save is skipped (TRL's runs save
+nothing either).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class StepClock(TrainerCallback):
         """Clock the end of an optimizer step."""
         synchronize()
         self.step_ends.append(time.perf_counter())
-        self.rss_mb.setdefault("first_step_end", current_rss_mb())
+        if "first_step_end" not in self.rss_mb:
+            self.rss_mb["first_step_end"] = current_rss_mb()
 
 
 class _SequentialMixin:
@@ -225,12 +226,12 @@ def run_trl(spec: StageSpec) -> dict[str, Any]:
     examples = [dm.train_set.examples[i] for i in training_order(dm)][: spec.steps * spec.batch_size]
     dataset = _dataset(spec, examples)
     load_start = time.perf_counter()
-    model = build_model(model_settings(spec))
+    model = build_model(model_settings(spec)).to(spec.device)  # 4-bit weights are already there
     model_load_s = time.perf_counter() - load_start
     warmup_s = warm_up(model, first_batches(dm, spec.warmup_steps))
     saved = trainable_lora(model) if spec.trl_fp32_lora else {}
     clock = StepClock()
-    with stage_clock() as numbers:
+    with stage_clock(gpu=spec.device == "cuda") as numbers:
         trainer = _trainer(spec, model, dm.tokenizer, dataset, clock)
         restored = restore_lora(trainer.model, saved)
         trainer.train()

@@ -113,6 +113,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
         if not torch.cuda.is_available():
             raise CommandError("--device cuda: torch sees no CUDA GPU", 1)
+        if "generate" in args.stages or args.scaling:
+            raise CommandError("--device cuda times training only: use --stages sft,dpo and no --scaling", 2)
     if args.compare == "trl" and importlib.util.find_spec("trl") is None:
         raise CommandError("--compare trl needs TRL: pip install -e '.[bench]' (or use --compare none)", 1)
     if "sft" in args.stages:

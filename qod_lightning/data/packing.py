@@ -55,7 +55,7 @@ def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict
 
 
 def pack_pairs(items: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Pack a batch of pairs, one row each, right-padded to the longest row.
+    """Pack a batch of pairs, one row each, right-padded to the longest row (rounded up to ``pad_to_multiple_of``).
 
     Args:
         items: Examples with ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``.

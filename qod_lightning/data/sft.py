@@ -61,7 +61,7 @@ class SFTDataModule(TokenizedDataModule):
         return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest example."""
+        """Right-pad to the longest example, rounded up to ``pad_to_multiple_of``."""
         return pad_batch(items, self.tokenizer.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of)
 
 

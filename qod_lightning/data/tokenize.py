@@ -130,7 +130,9 @@ def pad_batch(
     keys: tuple[str, ...] = ("input_ids", "labels"),
     pad_to_multiple_of: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples to the longest one (dynamic padding).
+    """Right-pad a list of examples to the longest one, rounded up to ``pad_to_multiple_of``.
+
+    The rounding may take a batch past ``max_length``: only padding goes there.
 
     Args:
         sequences: Examples with ``input_ids`` and ``labels`` of equal length each.
