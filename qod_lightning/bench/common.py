@@ -251,11 +251,16 @@ def sequence_tokens(spec: StageSpec, examples: list[dict[str, Any]]) -> int:
     return sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
 
 
+def weight_dtype(device: str) -> str:
+    """Dtype of the base weights and 4-bit compute: bf16 on a GPU, fp32 on the CPU (no bf16 units)."""
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 def model_settings(spec: StageSpec) -> Any:
     """The :class:`~qod_lightning.model.ModelSettings` both frameworks load ``spec``'s model with."""
     from qod_lightning.model import LoRASettings, ModelSettings, QuantizationSettings
 
-    dtype = "bfloat16" if spec.device == "cuda" else "float32"
+    dtype = weight_dtype(spec.device)
     return ModelSettings(
         model_name_or_path=spec.model_path,
         adapter_path=spec.adapter_path,

@@ -30,6 +30,7 @@ from qod_lightning.bench.common import (
     BenchOptions,
     StageSpec,
     make_start_adapter,
+    weight_dtype,
     write_cycled_jsonl,
 )
 from qod_lightning.bench.gpu import describe_gpu, mfu, parameter_count
@@ -137,9 +138,13 @@ def stage_specs(options: BenchOptions, stage: str, model_path: str, workdir: Pat
     if stage == "dpo":
         adapter = str(workdir / "start_adapter")
         if not (Path(adapter) / "adapter_config.json").is_file():
-            dtype = "bfloat16" if options.device == "cuda" else "float32"
             make_start_adapter(
-                model_path, adapter, r=options.lora_r, alpha=options.lora_alpha, seed=options.seed, dtype=dtype
+                model_path,
+                adapter,
+                r=options.lora_r,
+                alpha=options.lora_alpha,
+                seed=options.seed,
+                dtype=weight_dtype(options.device),
             )
     base = StageSpec(
         stage=stage,
