@@ -1,10 +1,10 @@
 """Turn plain-language requests into request JSON with a trained model: loading and decoding.
 
-Decoding is batched with left padding, conditions on exactly the prompt ids training used
-(:func:`~qod_lightning.data.tokenize.encode_prompt`), and stops each row at EOS or at the end of
-its first complete JSON object. With ``constrained=True`` an xgrammar grammar compiled from
-:data:`~qod_lightning.schema.REQUEST_SCHEMA` masks the logits, so every finished output parses
-and passes the schema by construction.
+Decoding is batched with left padding and conditions on exactly the prompt ids training used
+(:func:`~qod_lightning.data.tokenize.encode_prompt`). Each row stops at EOS or at the end of its
+first complete JSON object, and then leaves the batch, so later steps skip it. With
+``constrained=True`` an xgrammar grammar compiled from :data:`~qod_lightning.schema.REQUEST_SCHEMA`
+masks the logits, so every finished output parses and passes the schema by construction.
 """
 
 from __future__ import annotations
@@ -19,15 +19,7 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qod_lightning.data.tokenize import PromptFormat, encode_prompt
 from qod_lightning.extraction import find_json_object
@@ -231,15 +223,15 @@ GRAMMAR_CACHE = GrammarCache()
 """The process-wide cache :func:`generate` uses."""
 
 
-class GrammarLogitsProcessor(LogitsProcessor):
-    """Mask each row's logits to the tokens the request grammar allows next.
+class GrammarMask:
+    """Per-row xgrammar matchers that mask logits to the tokens the request grammar allows next.
 
-    One matcher per row. Once a row's grammar has completed, only EOS is allowed, and the next
-    token (EOS, or padding when a stopping criterion ended the row first) finishes it.
+    Rows are named by their index in the batch as it started, so the mask follows rows that stay
+    while finished ones leave the batch. Once a row's grammar is complete only EOS is allowed.
 
     Args:
         compiled_grammar: From :meth:`GrammarCache.get`.
-        batch_size: Rows of the batch; a processor serves one ``generate`` call.
+        batch_size: Rows of the batch as it started.
 
     """
 
@@ -247,32 +239,26 @@ class GrammarLogitsProcessor(LogitsProcessor):
         import xgrammar as xgr
 
         self.matchers = [xgr.GrammarMatcher(compiled_grammar) for _ in range(batch_size)]
-        self.finished = [False] * batch_size
         self.bitmask = xgr.allocate_token_bitmask(batch_size, compiled_grammar.tokenizer_info.vocab_size)
-        self._started = False
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Accept each row's last token, then mask ``scores`` (B, V) in place."""
+    def apply(self, scores: torch.Tensor, rows: list[int]) -> None:
+        """Mask ``scores`` (b, V), whose row ``j`` belongs to batch row ``rows[j]``, in place."""
         import xgrammar as xgr
 
-        if self._started:
-            self._accept(input_ids[:, -1].tolist())
-        self._started = True
-        xgr.reset_token_bitmask(self.bitmask)  # finished rows keep a full mask: their tokens are discarded
-        for i, matcher in enumerate(self.matchers):
-            if not self.finished[i]:
-                matcher.fill_next_token_bitmask(self.bitmask, i)
-        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
-        return scores
+        for j, row in enumerate(rows):
+            self.matchers[row].fill_next_token_bitmask(self.bitmask, j)
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask[: len(rows)].to(scores.device))
 
-    def _accept(self, tokens: list[int]) -> None:
-        for i, token in enumerate(tokens):
-            if self.finished[i]:
-                continue
-            if self.matchers[i].is_completed():
-                self.finished[i] = True
-            elif not self.matchers[i].accept_token(token):
-                raise RuntimeError(f"row {i}: token {token} was sampled against the grammar mask")
+    def accept(self, rows: list[int], tokens: list[int]) -> None:
+        """Advance each row's matcher by the token chosen for it.
+
+        Raises:
+            RuntimeError: When a token was chosen against the mask.
+
+        """
+        for row, token in zip(rows, tokens, strict=True):
+            if not self.matchers[row].accept_token(token):
+                raise RuntimeError(f"row {row}: token {token} was chosen against the grammar mask")
 
 
 def _open_braces(text: str) -> int:
@@ -291,42 +277,129 @@ def _open_braces(text: str) -> int:
     return depth
 
 
-class JsonObjectStop(StoppingCriteria):
-    """Per row: stop at EOS or once the new text holds a complete top-level JSON object.
+def finished_length(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_token_id: int) -> int | None:
+    """How many of a row's new tokens to keep if the row is done, else ``None``.
 
-    An object nested inside one still open (``{"a":{"b":1}``) parses on its own but does not
-    count. ``kept[i]`` is how many new tokens row ``i`` produced before stopping (EOS excluded),
-    ``None`` while it runs.
+    A row is done at EOS (which is dropped) or once its text holds a complete top-level JSON
+    object. An object nested inside one still open (``{"a":{"b":1}``) parses on its own but does
+    not count.
 
     Args:
-        tokenizer: Decodes the new tokens.
-        prompt_length: Columns of the (left-padded) prompt.
-        batch_size: Rows of the batch.
+        tokenizer: Decodes the tokens.
+        tokens: The row's new tokens so far, the one just chosen last.
+        eos_token_id: The token that ends a row.
+
+    Returns:
+        The number of tokens to keep, or ``None`` while the row should go on.
+
+    """
+    if tokens[-1] == eos_token_id:
+        return len(tokens) - 1
+    if "}" not in tokenizer.decode(tokens[-1:]):
+        return None
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    found = find_json_object(text)
+    return len(tokens) if found is not None and _open_braces(text[: found[1]]) == 0 else None
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How :func:`decode_batch` picks tokens and when it stops.
+
+    Attributes:
+        max_new_tokens: Most tokens generated per row.
+        pad_token_id: Fills the left padding of shorter prompts.
+        eos_token_id: Ends a row (and is not part of its answer).
+        do_sample: Sample from the temperature-scaled softmax instead of taking the argmax.
+        temperature: Sampling temperature (only with ``do_sample``).
 
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int, batch_size: int) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-        self.kept: list[int | None] = [None] * batch_size
+    max_new_tokens: int
+    pad_token_id: int
+    eos_token_id: int
+    do_sample: bool = False
+    temperature: float = 1.0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        """Return (B,) booleans: which rows are done."""
-        new = input_ids[:, self.prompt_length :]  # (B, generated so far)
-        for i, row in enumerate(new.tolist()):
-            if self.kept[i] is not None:
-                continue
-            if row[-1] == self.tokenizer.eos_token_id:
-                self.kept[i] = len(row) - 1
-            elif "}" in self.tokenizer.decode(row[-1:]) and self._complete(row):
-                self.kept[i] = len(row)
-        done = [kept is not None for kept in self.kept]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def _complete(self, row: list[int]) -> bool:
-        text = self.tokenizer.decode(row, skip_special_tokens=True)
-        found = find_json_object(text)
-        return found is not None and _open_braces(text[: found[1]]) == 0
+def _choose(scores: torch.Tensor, options: DecodingOptions) -> list[int]:
+    """One token per row of ``scores`` (b, V): argmax, or a draw from ``softmax(scores / T)``."""
+    if not options.do_sample:
+        return scores.argmax(dim=-1).tolist()
+    probs = torch.softmax(scores / options.temperature, dim=-1)  # (b, V); masked tokens get 0
+    return torch.multinomial(probs, num_samples=1).squeeze(1).tolist()
+
+
+@torch.no_grad()
+def decode_batch(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    options: DecodingOptions,
+    grammar: Any | None = None,
+) -> list[str]:
+    """Decode one batch of prompts with a KV cache, dropping each row from the batch once it is done.
+
+    Hugging Face ``generate`` keeps a finished row in the batch, computing tokens that are thrown
+    away, until the longest row ends; here a finished row leaves the batch and the cache
+    (``DynamicCache.batch_select_indices``), so a step costs only the rows still running. Prompts
+    are left-padded; each row's positions count from its first real token, as ``generate`` does.
+
+    Args:
+        model: A causal LM (plain or PEFT) in eval mode.
+        tokenizer: Its tokenizer (decodes the answers).
+        prompts: Prompt ids, one list per row.
+        options: Token choice and limits.
+        grammar: A compiled request grammar that masks every step's logits, or ``None``.
+
+    Returns:
+        The new text of each row, in the order of ``prompts`` (special tokens skipped).
+
+    """
+    device = model.device
+    input_ids, attention_mask = (t.to(device) for t in _left_pad(prompts, options.pad_token_id))
+    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T); padding's positions are masked anyway
+    mask = GrammarMask(grammar, len(prompts)) if grammar is not None else None
+    running = list(range(len(prompts)))  # the starting row index of each row still in the batch
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    kept: list[int | None] = [None] * len(prompts)
+    cache = None
+    for _ in range(options.max_new_tokens):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are needed
+        )
+        cache = out.cache
+        scores = out.logits[:, -1, :].float()  # (b, V)
+        if mask is not None:
+            mask.apply(scores, running)
+        tokens = _choose(scores, options)
+        if mask is not None:
+            mask.accept(running, tokens)
+        stay = []
+        for j, (row, token) in enumerate(zip(running, tokens, strict=True)):
+            new_tokens[row].append(token)
+            kept[row] = finished_length(tokenizer, new_tokens[row], options.eos_token_id)
+            if kept[row] is None:
+                stay.append(j)
+        if not stay:
+            break
+        if len(stay) < len(running):
+            index = torch.tensor(stay, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, positions = attention_mask[index], positions[index]  # (b, T)
+            running, tokens = [running[j] for j in stay], [tokens[j] for j in stay]
+        input_ids = torch.tensor(tokens, device=device).unsqueeze(1)  # (b, 1)
+        positions = positions[:, -1:] + 1  # (b, 1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)  # (b, T + 1)
+    return [
+        tokenizer.decode(row if n is None else row[:n], skip_special_tokens=True)
+        for row, n in zip(new_tokens, kept, strict=True)
+    ]
 
 
 def load_for_inference(
@@ -400,30 +473,6 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
     return input_ids, attention_mask
 
 
-def _generate_batch(
-    model: PreTrainedModel | PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    config: GenerationConfig,
-    grammar: Any | None,
-) -> list[str]:
-    input_ids, attention_mask = _left_pad(prompts, config.pad_token_id)
-    stop = JsonObjectStop(tokenizer, input_ids.shape[1], len(prompts))
-    processors = LogitsProcessorList([GrammarLogitsProcessor(grammar, len(prompts))] if grammar is not None else [])
-    output = model.generate(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention_mask.to(model.device),
-        generation_config=config,
-        stopping_criteria=StoppingCriteriaList([stop]),
-        logits_processor=processors,
-    )
-    new = output[:, input_ids.shape[1] :].tolist()  # (B, generated)
-    return [
-        tokenizer.decode(row if kept is None else row[:kept], skip_special_tokens=True)
-        for row, kept in zip(new, stop.kept, strict=True)
-    ]
-
-
 @torch.no_grad()
 def generate(
     model: PreTrainedModel | PeftModel,
@@ -466,20 +515,14 @@ def generate(
         raise ValueError("the tokenizer has no EOS token, so generation could not stop")
     prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        **({"temperature": temperature} if do_sample else {}),
-    )
+    options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
     vocab_size = model.get_output_embeddings().weight.shape[0]
     grammar = GRAMMAR_CACHE.get(tokenizer, vocab_size) if constrained else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="Generating", unit="batch", disable=None, leave=False):
         chunk = order[start : start + batch_size]
-        texts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], config, grammar)
+        texts = decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, grammar)
         for index, text in zip(chunk, texts, strict=True):
             outputs[index] = text
     return outputs

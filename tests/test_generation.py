@@ -12,8 +12,10 @@ from qod_lightning.extraction import find_json_object
 from qod_lightning.generation import (
     GRAMMAR_CACHE,
     XGRAMMAR_MAX_REPEAT,
+    DecodingOptions,
     GrammarCache,
-    JsonObjectStop,
+    decode_batch,
+    finished_length,
     generate,
     grammar_schema,
     load_for_inference,
@@ -59,15 +61,10 @@ def test_stop_waits_for_the_outer_object_and_ignores_braces_in_strings(tiny):
     _, tokenizer = tiny
     text = '{"a":"}","b":{"c":1}} and then more'
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prompt = [0, 0]
-    stop = JsonObjectStop(tokenizer, prompt_length=len(prompt), batch_size=1)
-    done_at = None
-    for n in range(1, len(ids) + 1):
-        done = stop(torch.tensor([prompt + ids[:n]]), torch.zeros(1, 1))
-        if done.item() and done_at is None:
-            done_at = n
-    decoded = tokenizer.decode(ids[: stop.kept[0]])
-    assert done_at == stop.kept[0]
+    lengths = [finished_length(tokenizer, ids[:n], tokenizer.eos_token_id) for n in range(1, len(ids) + 1)]
+    done_at = next(n for n, kept in enumerate(lengths, start=1) if kept is not None)
+    decoded = tokenizer.decode(ids[: lengths[done_at - 1]])
+    assert lengths[done_at - 1] == done_at
     assert decoded.startswith('{"a":"}","b":{"c":1}}') and "more" not in decoded
     assert find_json_object(decoded)[0] == {"a": "}", "b": {"c": 1}}
 
@@ -75,9 +72,40 @@ def test_stop_waits_for_the_outer_object_and_ignores_braces_in_strings(tiny):
 def test_stop_at_eos_drops_the_eos(tiny):
     _, tokenizer = tiny
     ids = tokenizer("abc", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    stop = JsonObjectStop(tokenizer, prompt_length=0, batch_size=1)
-    assert stop(torch.tensor([ids]), torch.zeros(1, 1)).item()
-    assert stop.kept == [len(ids) - 1]
+    assert finished_length(tokenizer, ids, tokenizer.eos_token_id) == len(ids) - 1
+    assert finished_length(tokenizer, ids[:-1], tokenizer.eos_token_id) is None
+
+
+def test_rows_that_leave_the_batch_early_decode_as_transformers_generate_does(tiny):
+    """Reference: Hugging Face ``generate`` (greedy, one batch, finished rows kept as padding).
+
+    The random tiny model never writes EOS of its own, so an ordinary token it does write is made
+    the end token: rows then finish at different steps and leave our batch one by one.
+    """
+    model, tokenizer = tiny
+    prompts = [tokenizer(r)["input_ids"] for r in REQUESTS]
+    longest, pad = max(len(ids) for ids in prompts), tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in prompts])  # (B, T)
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])  # (B, T)
+
+    def reference(end: int | None) -> list[list[int]]:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=end,
+        )
+        return out[:, longest:].tolist()  # (B, new)
+
+    free = reference(None)
+    first_step = {token: {row.index(token) for row in free if token in row} for row in free for token in row}
+    end = max(first_step, key=lambda token: len(first_step[token]))
+    assert len(first_step[end]) > 1  # rows will leave the batch at different steps
+    expected = [tokenizer.decode(row[: row.index(end)] if end in row else row) for row in reference(end)]
+    options = DecodingOptions(max_new_tokens=20, pad_token_id=pad, eos_token_id=end)
+    assert decode_batch(model, tokenizer, prompts, options) == expected
 
 
 def test_constrained_outputs_parse_and_pass_the_schema(tiny):

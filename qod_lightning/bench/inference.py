@@ -105,30 +105,35 @@ def timed_generate(
 
 @contextmanager
 def grammar_clock() -> Iterator[list[float]]:
-    """Time every call of the grammar logits processor while the block runs; yields ``[seconds, calls]``.
+    """Time the grammar's work while the block runs; yields ``[seconds, decoding steps]``.
 
-    The processor's own time per decoding step (accepting the last tokens, filling and applying the
-    token mask) is what constrained decoding adds to a step, measured without the run-to-run noise
-    of comparing two separate generations.
+    The grammar's own time per decoding step (filling and applying the token mask, then accepting
+    the chosen tokens) is what constrained decoding adds to a step, measured without the
+    run-to-run noise of comparing two separate generations.
     """
-    from qod_lightning.generation import GrammarLogitsProcessor
+    from qod_lightning.generation import GrammarMask
 
     totals = [0.0, 0.0]
-    original = GrammarLogitsProcessor.__call__
+    originals = {"apply": GrammarMask.apply, "accept": GrammarMask.accept}
 
-    def timed(self: Any, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        try:
-            return original(self, input_ids, scores)
-        finally:
-            totals[0] += time.perf_counter() - start
-            totals[1] += 1
+    def timed(name: str) -> Any:
+        def wrapper(self: Any, *args: Any) -> None:
+            start = time.perf_counter()
+            try:
+                originals[name](self, *args)
+            finally:
+                totals[0] += time.perf_counter() - start
+                totals[1] += name == "apply"  # one mask per decoding step
 
-    GrammarLogitsProcessor.__call__ = timed  # type: ignore[method-assign]
+        return wrapper
+
+    for name in originals:
+        setattr(GrammarMask, name, timed(name))
     try:
         yield totals
     finally:
-        GrammarLogitsProcessor.__call__ = original  # type: ignore[method-assign]
+        for name, original in originals.items():
+            setattr(GrammarMask, name, original)
 
 
 def constrained_overhead(
@@ -140,7 +145,7 @@ def constrained_overhead(
         ``compile_ms`` (once per tokenizer); per mode the mean decoding-step time (prompt passes
         excluded, see :class:`ForwardClock`) and the end-to-end time per forward pass; ``ratio`` of
         the two modes' decoding-step times (a cross-check, noisy on a shared machine); and
-        ``overhead``: the grammar processor's own time per step (:func:`grammar_clock`) over the
+        ``overhead``: the grammar's own time per step (:func:`grammar_clock`) over the
         plain decoding step.
     """
     from qod_lightning.generation import GRAMMAR_CACHE
