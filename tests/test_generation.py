@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from qod_lightning.data.tokenize import encode_prompt
 from qod_lightning.extraction import find_json_object
 from qod_lightning.generation import (
     GRAMMAR_CACHE,
@@ -19,6 +20,7 @@ from qod_lightning.generation import (
     generate,
     grammar_schema,
     load_for_inference,
+    prefill,
 )
 from qod_lightning.schema import VALIDATOR
 from qod_lightning.validation import validate_request
@@ -76,14 +78,28 @@ def test_stop_at_eos_drops_the_eos(tiny):
     assert finished_length(tokenizer, ids[:-1], tokenizer.eos_token_id) is None
 
 
+def test_prefill_gives_each_row_the_logits_of_its_prompt_alone(tiny):
+    """The shared instruction runs once and the rest is left-padded after it; reference: each prompt unpadded."""
+    model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, r, prompt_format="alpaca") for r in REQUESTS]
+    with torch.no_grad():
+        scores, _, attention_mask, positions = prefill(model, prompts, tokenizer.pad_token_id)
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[:, -1] for ids in prompts])  # (B, V)
+    torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-4)
+    assert positions.squeeze(1).tolist() == [len(ids) - 1 for ids in prompts]
+    assert attention_mask.sum(dim=1).tolist() == [len(ids) for ids in prompts]
+
+
 def test_rows_that_leave_the_batch_early_decode_as_transformers_generate_does(tiny):
     """Reference: Hugging Face ``generate`` (greedy, one batch, finished rows kept as padding).
 
-    The random tiny model never writes EOS of its own, so an ordinary token it does write is made
-    the end token: rows then finish at different steps and leave our batch one by one.
+    The prompts share the instruction, which we run once and copy to every row. The random tiny
+    model never writes EOS of its own, so an ordinary token it does write is made the end token:
+    rows then finish at different steps and leave our batch one by one.
     """
     model, tokenizer = tiny
-    prompts = [tokenizer(r)["input_ids"] for r in REQUESTS]
+    prompts = [encode_prompt(tokenizer, r, prompt_format="alpaca") for r in REQUESTS]
+    assert len({tuple(ids[:8]) for ids in prompts}) == 1  # the shared instruction runs once, as one row
     longest, pad = max(len(ids) for ids in prompts), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in prompts])  # (B, T)
     attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts])  # (B, T)
