@@ -340,9 +340,11 @@ def _shared_prefix_cache(model: PreTrainedModel | PeftModel, prompts: list[list[
 
     Returns:
         ``(cache, P)``: the cache of the shared ``P`` tokens repeated for every row, or
-        ``(None, 0)`` when the prompts share no token.
+        ``(None, 0)`` when the prompts share no token or there is one prompt (nothing to share).
 
     """
+    if len(prompts) < 2:
+        return None, 0
     shortest = min(prompts, key=len)
     shared = next((i for i, token in enumerate(shortest) if any(ids[i] != token for ids in prompts)), len(shortest))
     shared = min(shared, len(shortest) - 1)
