@@ -97,9 +97,7 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def judge_prediction(
-    prediction: str, request: str, expected: Mapping[str, Any]
-) -> PredictionVerdict:
+def judge_prediction(prediction: str, request: str, expected: Mapping[str, Any]) -> PredictionVerdict:
     """Validate one output once and compare it with the expected request.
 
     Args:
@@ -115,10 +113,7 @@ def judge_prediction(
     parsed = report.parsed
     fields_expected = tuple(key in expected for key in TOP_LEVEL_KEYS)
     fields_correct = tuple(
-        parsed is not None
-        and key in expected
-        and key in parsed
-        and _json_equal(parsed[key], expected[key])
+        parsed is not None and key in expected and key in parsed and _json_equal(parsed[key], expected[key])
         for key in TOP_LEVEL_KEYS
     )
     if parsed is None:
@@ -137,9 +132,7 @@ def judge_prediction(
     )
 
 
-def _check_inputs(
-    predictions: Sequence[str], requests: Sequence[str], expected: Sequence[Mapping[str, Any]]
-) -> None:
+def _check_inputs(predictions: Sequence[str], requests: Sequence[str], expected: Sequence[Mapping[str, Any]]) -> None:
     named = {"predictions": predictions, "requests": requests, "expected": expected}
     for name, value in named.items():
         # A bare string is a Sequence too, and would be scored one character at a time.
@@ -172,10 +165,7 @@ def per_example_verdicts(
 
     """
     _check_inputs(predictions, requests, expected)
-    return [
-        judge_prediction(p, r, e).to_dict()
-        for p, r, e in zip(predictions, requests, expected, strict=True)
-    ]
+    return [judge_prediction(p, r, e).to_dict() for p, r, e in zip(predictions, requests, expected, strict=True)]
 
 
 def _qod_counts_update(
@@ -194,9 +184,7 @@ def _qod_counts_update(
 
     """
     _check_inputs(predictions, requests, expected)
-    verdicts = [
-        judge_prediction(p, r, e) for p, r, e in zip(predictions, requests, expected, strict=True)
-    ]
+    verdicts = [judge_prediction(p, r, e) for p, r, e in zip(predictions, requests, expected, strict=True)]
     n_fields = len(TOP_LEVEL_KEYS)
     return {
         "total": torch.tensor(len(verdicts)),

@@ -40,4 +40,3 @@ def test_leftovers_of_an_interrupted_write_are_reported_and_removed(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "report.json"]
     assert is_complete(tmp_path / "final")
     assert "interrupted write of" in caplog.text and ".final.tmp-abc123" in caplog.text
-
