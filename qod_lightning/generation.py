@@ -9,6 +9,7 @@ masks the logits, so every finished output parses and passes the schema by const
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -173,6 +174,20 @@ def _tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
     )
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what the grammar's token table is built from.
+
+    That is the tokenizer's whole definition (vocabulary, merges, decoder, added tokens and
+    which are special: ``backend_tokenizer.to_str()``, or the vocabulary of a tokenizer without
+    a Rust backend) and its EOS and special ids. Hashing SmolLM2's 1.5 MB definition takes
+    about 0.1 s, against seconds for a compile.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.eos_token_id, sorted(tokenizer.all_special_ids)])
+    return hashlib.sha256(f"{definition}\n{extra}".encode()).hexdigest()
+
+
 @dataclass
 class GrammarCache:
     """Compiled request grammars, one per tokenizer and vocabulary size.
@@ -181,7 +196,9 @@ class GrammarCache:
     happens once per tokenizer, not per request or per batch.
 
     Attributes:
-        grammars: ``(tokenizer name_or_path, len(tokenizer), model vocab size)`` -> grammar.
+        grammars: ``(tokenizer fingerprint, len(tokenizer), model vocab size)`` -> grammar. The
+            fingerprint (:func:`tokenizer_fingerprint`) is the tokenizer's content, not its
+            path, so the copies saved beside a base model and its adapters share one grammar.
         hits: Look-ups served from the cache.
         misses: Look-ups that compiled.
 
@@ -203,7 +220,7 @@ class GrammarCache:
             An ``xgrammar.CompiledGrammar``.
 
         """
-        key = (tokenizer.name_or_path, len(tokenizer), vocab_size)
+        key = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size)
         if key in self.grammars:
             self.hits += 1
             return self.grammars[key]
@@ -257,8 +274,38 @@ class GrammarMask:
 
         """
         for row, token in zip(rows, tokens, strict=True):
+            self.advance(row, [token])
+
+    def advance(self, row: int, tokens: list[int]) -> None:
+        """Advance one row's matcher through ``tokens`` (a forced start of its answer).
+
+        Raises:
+            RuntimeError: When the grammar rejects one of them.
+
+        """
+        for token in tokens:
             if not self.matchers[row].accept_token(token):
-                raise RuntimeError(f"row {row}: token {token} was chosen against the grammar mask")
+                raise RuntimeError(f"row {row}: token {token} is against the grammar")
+
+
+def grammar_prefix_length(grammar: Any, tokens: list[int]) -> int:
+    """How many leading ``tokens`` the request grammar accepts, one after another.
+
+    Args:
+        grammar: A compiled request grammar (:meth:`GrammarCache.get`).
+        tokens: An answer's token ids.
+
+    Returns:
+        The length of the longest prefix of ``tokens`` that the grammar allows.
+
+    """
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(grammar)
+    for index, token in enumerate(tokens):
+        if not matcher.accept_token(token):
+            return index
+    return len(tokens)
 
 
 def _open_braces(text: str) -> int:
@@ -320,6 +367,15 @@ class DecodingOptions:
     eos_token_id: int
     do_sample: bool = False
     temperature: float = 1.0
+
+
+def _kept_length(tokenizer: PreTrainedTokenizerBase, tokens: list[int], options: DecodingOptions) -> int | None:
+    """How many of a row's new tokens to keep once it is done (finished or out of budget), else ``None``."""
+    if tokens:
+        kept = finished_length(tokenizer, tokens, options.eos_token_id)
+        if kept is not None:
+            return kept
+    return len(tokens) if len(tokens) >= options.max_new_tokens else None
 
 
 def _choose(scores: torch.Tensor, options: DecodingOptions) -> list[int]:
@@ -398,43 +454,42 @@ def decode_batch(
     prompts: list[list[int]],
     options: DecodingOptions,
     grammar: Any | None = None,
-) -> list[str]:
+    forced: list[list[int]] | None = None,
+) -> list[list[int]]:
     """Decode one batch of prompts with a KV cache, dropping each row from the batch once it is done.
 
     Hugging Face ``generate`` keeps a finished row in the batch, computing tokens that are thrown
     away, until the longest row ends; here a finished row leaves the batch and the cache
     (``DynamicCache.batch_select_indices``), so a step costs only the rows still running. The
-    prompts go in through :func:`prefill`.
+    prompts, each followed by its forced tokens, go in through :func:`prefill`.
 
     Args:
         model: A causal LM (plain or PEFT) in eval mode.
-        tokenizer: Its tokenizer (decodes the answers).
+        tokenizer: Its tokenizer (finds where answers end).
         prompts: Prompt ids, one list per row.
         options: Token choice and limits.
         grammar: A compiled request grammar that masks every step's logits, or ``None``.
+        forced: Tokens each row's answer starts with, taken as given and counted against
+            ``max_new_tokens`` (``None``: none). A row they already finish is not decoded.
 
     Returns:
-        The new text of each row, in the order of ``prompts`` (special tokens skipped).
+        The new tokens each row keeps (its forced ones included; EOS dropped), in the order of
+        ``prompts``.
 
     """
     device = model.device
+    new_tokens = [list(ids) for ids in forced] if forced is not None else [[] for _ in prompts]
+    kept = [_kept_length(tokenizer, ids, options) for ids in new_tokens]
+    running = [row for row, n in enumerate(kept) if n is None]  # the starting index of each row still in the batch
     mask = GrammarMask(grammar, len(prompts)) if grammar is not None else None
-    running = list(range(len(prompts)))  # the starting row index of each row still in the batch
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    kept: list[int | None] = [None] * len(prompts)
-    tokens: list[int] = []  # the last token of each running row
-    for step in range(options.max_new_tokens):
-        if step == 0:
-            scores, cache, attention_mask, positions = prefill(model, prompts, options.pad_token_id)
-        else:
-            out = model(
-                input_ids=torch.tensor(tokens, device=device).unsqueeze(1),  # (b, 1)
-                attention_mask=attention_mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-            )
-            cache, scores = out.cache, out.logits[:, -1, :].float()  # (b, V)
+    if running:
+        if mask is not None:
+            for row in running:
+                mask.advance(row, new_tokens[row])
+        scores, cache, attention_mask, positions = prefill(
+            model, [prompts[row] + new_tokens[row] for row in running], options.pad_token_id
+        )
+    while running:
         if mask is not None:
             mask.apply(scores, running)
         tokens = _choose(scores, options)
@@ -443,7 +498,7 @@ def decode_batch(
         stay = []
         for j, (row, token) in enumerate(zip(running, tokens, strict=True)):
             new_tokens[row].append(token)
-            kept[row] = finished_length(tokenizer, new_tokens[row], options.eos_token_id)
+            kept[row] = _kept_length(tokenizer, new_tokens[row], options)
             if kept[row] is None:
                 stay.append(j)
         if not stay:
@@ -455,10 +510,15 @@ def decode_batch(
             running, tokens = [running[j] for j in stay], [tokens[j] for j in stay]
         positions = positions + 1  # (b, 1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)  # (b, T + 1)
-    return [
-        tokenizer.decode(row if n is None else row[:n], skip_special_tokens=True)
-        for row, n in zip(new_tokens, kept, strict=True)
-    ]
+        out = model(
+            input_ids=torch.tensor(tokens, device=device).unsqueeze(1),  # (b, 1)
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        cache, scores = out.cache, out.logits[:, -1, :].float()  # (b, V)
+    return [row[:n] for row, n in zip(new_tokens, kept, strict=True)]
 
 
 def load_for_inference(
@@ -532,8 +592,13 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
     return input_ids, attention_mask
 
 
+def _output_size(model: PreTrainedModel | PeftModel) -> int:
+    """Rows of the LM head: the logits' width, which the grammar mask must cover."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 @torch.no_grad()
-def generate(
+def generate_tokens(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     requests: list[str],
@@ -545,12 +610,13 @@ def generate(
     temperature: float = 0.3,
     constrained: bool = False,
     max_input_tokens: int = 1024,
-) -> list[str]:
-    """Generate an answer for each request (greedy by default), in batches.
+    forced: list[list[int]] | None = None,
+) -> list[list[int]]:
+    """Generate the answer tokens of each request (greedy by default), in batches.
 
-    Requests are grouped by prompt length, so little padding is spent, and returned in input
-    order. Prompts longer than ``max_input_tokens`` keep their last tokens (one warning says how
-    many). The caller sets the model's mode; :func:`load_for_inference` returns it in eval mode.
+    Requests are grouped by length, so little padding is spent, and returned in input order.
+    Prompts longer than ``max_input_tokens`` keep their last tokens (one warning says how many).
+    The caller sets the model's mode; :func:`load_for_inference` returns it in eval mode.
 
     Args:
         model: A causal LM (plain or PEFT).
@@ -558,30 +624,87 @@ def generate(
         requests: The users' request texts.
         prompt_format: ``alpaca`` or ``chat``, as in training.
         max_new_tokens: Most tokens generated per request.
-        batch_size: Requests per ``generate`` call.
+        batch_size: Requests per decoded batch.
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
         constrained: Mask the logits with the request grammar (needs ``xgrammar``).
         max_input_tokens: Longest prompt kept, in tokens.
+        forced: Tokens each answer starts with (:func:`decode_batch`), such as
+            :func:`grammar_accepted_starts`; answers they already finish are not decoded.
+
+    Returns:
+        The new tokens of each request's answer (EOS dropped).
+
+    Raises:
+        ValueError: When the tokenizer has no EOS, or ``forced`` is not one list per request.
+
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, so generation could not stop")
+    forced = forced if forced is not None else [[] for _ in requests]
+    if len(forced) != len(requests):
+        raise ValueError(f"forced has {len(forced)} entries for {len(requests)} requests")
+    if not requests:
+        return []
+    prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
+    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model)) if constrained else None
+    done = [_kept_length(tokenizer, ids, options) for ids in forced]
+    answers = [ids[:n] if n is not None else [] for ids, n in zip(forced, done, strict=True)]
+    pending = [i for i, n in enumerate(done) if n is None]
+    order = sorted(pending, key=lambda i: len(prompts[i]) + len(forced[i]), reverse=True)
+    for start in tqdm(range(0, len(order), batch_size), desc="Generating", unit="batch", disable=None, leave=False):
+        chunk = order[start : start + batch_size]
+        decoded = decode_batch(
+            model, tokenizer, [prompts[i] for i in chunk], options, grammar, [forced[i] for i in chunk]
+        )
+        for index, tokens in zip(chunk, decoded, strict=True):
+            answers[index] = tokens
+    return answers
+
+
+def generate(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, requests: list[str], **options: Any
+) -> list[str]:
+    """Generate an answer for each request: :func:`generate_tokens`, decoded.
+
+    Args:
+        model: A causal LM (plain or PEFT).
+        tokenizer: Its tokenizer.
+        requests: The users' request texts.
+        **options: Keywords of :func:`generate_tokens` (``max_new_tokens``, ``constrained``...).
 
     Returns:
         The generated texts (new tokens only, special tokens skipped), one per request.
 
     """
-    if not requests:
-        return []
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, so generation could not stop")
-    prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    grammar = GRAMMAR_CACHE.get(tokenizer, vocab_size) if constrained else None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="Generating", unit="batch", disable=None, leave=False):
-        chunk = order[start : start + batch_size]
-        texts = decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, grammar)
-        for index, text in zip(chunk, texts, strict=True):
-            outputs[index] = text
-    return outputs
+    answers = generate_tokens(model, tokenizer, requests, **options)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+
+
+def grammar_accepted_starts(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, answers: list[list[int]]
+) -> list[list[int]]:
+    """The start of each greedy unconstrained answer that greedy constrained decoding shares.
+
+    The grammar mask only removes candidates, so where the unconstrained argmax is allowed, the
+    constrained argmax is that same token: from the same logits, the constrained answer equals the
+    unconstrained one up to the first token the grammar rejects. Passed as ``forced`` to
+    :func:`generate_tokens` with ``constrained=True`` (same prompts and settings, greedy), these
+    starts give the constrained answers while decoding only from the first rejected token on; an
+    answer the grammar accepts whole is not decoded again. The forced tokens run through the
+    model in one pass rather than one per step, so the logits after them may differ from a
+    from-scratch run in the last bits of float precision, as they do between batch sizes.
+
+    Args:
+        model: The model that wrote ``answers`` (its output size sizes the grammar's mask).
+        tokenizer: Its tokenizer.
+        answers: Greedy unconstrained answer tokens (:func:`generate_tokens`).
+
+    Returns:
+        For each answer, its longest start the request grammar accepts.
+
+    """
+    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model))
+    return [ids[: grammar_prefix_length(grammar, ids)] for ids in answers]

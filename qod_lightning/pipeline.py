@@ -118,30 +118,41 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
 
 
 def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
-    """Evaluate every model (and constrained, if configured); reuse reports that exist."""
-    from qod_lightning.commands.evaluate import evaluate_model
+    """Evaluate every model (and constrained, if configured); reuse reports that exist.
+
+    A model evaluated both ways is loaded once, and its constrained answers start from the
+    unconstrained ones (:func:`~qod_lightning.commands.evaluate.evaluate_model_both`).
+    """
+    from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
 
     reports: dict[str, dict[str, Any]] = {}
-    modes = [False, True] if cfg.constrained else [False]
+    options = {
+        "max_samples": cfg.max_eval_samples,
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.eval_batch_size,
+    }
+    order: list[str] = []  # the comparison's row order
     for name, path in models.items():
-        for constrained in modes:
-            label = f"{name}+constrained" if constrained else name
-            out = Path(cfg.work_dir) / "reports" / f"{label}.json"
-            if out.is_file() and not force:
-                print(f"[pipeline] evaluate {label}: {out} exists, skipping")
-                reports[label] = json.loads(out.read_text(encoding="utf-8"))
-                continue
-            print(f"[pipeline] evaluate {label} on {cfg.eval_file}")
-            reports[label] = evaluate_model(
-                path,
-                cfg.eval_file,
-                out,
-                constrained=constrained,
-                max_samples=cfg.max_eval_samples,
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.eval_batch_size,
+        labels = {False: name, True: f"{name}+constrained"} if cfg.constrained else {False: name}
+        order += labels.values()
+        outputs = {
+            constrained: Path(cfg.work_dir) / "reports" / f"{label}.json" for constrained, label in labels.items()
+        }
+        todo = [constrained for constrained, out in outputs.items() if force or not out.is_file()]
+        for constrained in [c for c in outputs if c not in todo]:
+            print(f"[pipeline] evaluate {labels[constrained]}: {outputs[constrained]} exists, skipping")
+            reports[labels[constrained]] = json.loads(outputs[constrained].read_text(encoding="utf-8"))
+        if not todo:
+            continue
+        print(f"[pipeline] evaluate {' and '.join(labels[c] for c in todo)} on {cfg.eval_file}")
+        if len(todo) == 2:
+            both = evaluate_model_both(path, cfg.eval_file, outputs[False], outputs[True], **options)
+            reports.update(zip(labels.values(), both, strict=True))
+        else:
+            reports[labels[todo[0]]] = evaluate_model(
+                path, cfg.eval_file, outputs[todo[0]], constrained=todo[0], **options
             )
-    return reports
+    return {label: reports[label] for label in order}
 
 
 def run_merge(cfg: PipelineConfig, adapter: Path, force: bool) -> Path:

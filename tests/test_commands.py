@@ -192,6 +192,23 @@ def test_library_api_used_by_the_pipeline(adapter_dir, eval_file, tmp_path):
     assert markdown.startswith("| model |") and (tmp_path / "comparison" / "comparison.png").is_file()
 
 
+def test_evaluating_both_ways_at_once_equals_two_separate_evaluations(adapter_dir, eval_file, tmp_path):
+    from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
+
+    options = {"max_samples": 3, "max_new_tokens": 40, "batch_size": 2}
+    both = evaluate_model_both(str(adapter_dir), eval_file, tmp_path / "m.json", tmp_path / "m+c.json", **options)
+    for report, name, constrained in zip(both, ("m", "m+c"), (False, True), strict=True):
+        alone = evaluate_model(
+            str(adapter_dir), eval_file, tmp_path / f"{name}-alone.json", constrained=constrained, **options
+        )
+        predictions = (tmp_path / f"{name}.predictions.jsonl").read_text()
+        assert predictions == (tmp_path / f"{name}-alone.predictions.jsonl").read_text()
+        assert {k: v for k, v in report.items() if k not in ("wall_time_s", "answers_kept_whole")} == {
+            k: v for k, v in alone.items() if k != "wall_time_s"
+        }
+    assert isinstance(both[1]["answers_kept_whole"], int) and "answers_kept_whole" not in both[0]
+
+
 def test_evaluate_reports_bad_data_in_one_line(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n')

@@ -18,10 +18,14 @@ from qod_lightning.generation import (
     decode_batch,
     finished_length,
     generate,
+    generate_tokens,
+    grammar_accepted_starts,
     grammar_schema,
     load_for_inference,
     prefill,
+    tokenizer_fingerprint,
 )
+from qod_lightning.model import load_tokenizer
 from qod_lightning.schema import VALIDATOR
 from qod_lightning.validation import validate_request
 
@@ -119,9 +123,59 @@ def test_rows_that_leave_the_batch_early_decode_as_transformers_generate_does(ti
     first_step = {token: {row.index(token) for row in free if token in row} for row in free for token in row}
     end = max(first_step, key=lambda token: len(first_step[token]))
     assert len(first_step[end]) > 1  # rows will leave the batch at different steps
-    expected = [tokenizer.decode(row[: row.index(end)] if end in row else row) for row in reference(end)]
+    expected = [row[: row.index(end)] if end in row else row for row in reference(end)]
     options = DecodingOptions(max_new_tokens=20, pad_token_id=pad, eos_token_id=end)
     assert decode_batch(model, tokenizer, prompts, options) == expected
+
+
+def _count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("budget", [1000, 12], ids=["answers-finish", "budget-runs-out"])
+def test_forced_starts_give_the_answers_of_constrained_decoding_from_scratch(tiny_model_dir, budget):
+    """Reference: constrained decoding from scratch. Forcing any start of its answers (none, a few
+    tokens, half, all but one, all) must give the same answers back, and whole answers cost no forward."""
+    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    options = {"max_new_tokens": budget, "batch_size": len(REQUESTS), "constrained": True}
+    scratch = generate_tokens(model, tokenizer, REQUESTS, **options)
+    assert min(len(ids) for ids in scratch) > 4
+    assert all(len(ids) == budget for ids in scratch) == (budget == 12)  # out of budget, or finished
+    cuts = [lambda n: 0, lambda n: 3, lambda n: n // 2, lambda n: n - 1, lambda n: n]
+    forced = [ids[: cut(len(ids))] for ids, cut in zip(scratch, cuts, strict=True)]
+    assert generate_tokens(model, tokenizer, REQUESTS, forced=forced, **options) == scratch
+    calls = _count_forwards(model)
+    assert generate_tokens(model, tokenizer, REQUESTS, forced=scratch, **options) == scratch
+    assert calls[0] == 0
+
+
+def test_constrained_answers_from_unconstrained_starts_equal_those_from_scratch(tiny):
+    """The random model's own unconstrained answers break the grammar at once, so stand-ins are
+    built: each constrained answer with a token the grammar rejects spliced in somewhere."""
+    model, tokenizer = tiny
+    options = {"max_new_tokens": 1000, "batch_size": 2}
+    scratch = generate_tokens(model, tokenizer, REQUESTS, constrained=True, **options)
+    brace = tokenizer("{", add_special_tokens=False)["input_ids"]  # never valid after the first token
+    splits = [1, 2, 7, 20, 33]
+    free = [ids[:k] + brace + ids[k:] for ids, k in zip(scratch, splits, strict=True)]
+    forced = grammar_accepted_starts(model, tokenizer, free)
+    assert [len(ids) for ids in forced] == splits
+    resumed = generate_tokens(model, tokenizer, REQUESTS, constrained=True, forced=forced, **options)
+    assert resumed == scratch
+
+
+def test_grammar_accepted_starts_end_where_the_grammar_rejects(tiny):
+    model, tokenizer = tiny
+    valid = generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=1000, constrained=True)[0]
+    text = tokenizer.decode(valid)
+    assert json.loads(text)  # a complete request: after it the grammar allows EOS only
+    garbage = tokenizer("garbage", add_special_tokens=False)["input_ids"]
+    brace = tokenizer("{", add_special_tokens=False)["input_ids"]
+    answers = [valid, valid + garbage, valid[:5] + brace + valid[5:], garbage, []]
+    starts = grammar_accepted_starts(model, tokenizer, answers)
+    assert [len(ids) for ids in starts] == [len(valid), len(valid), 5, 0, 0]
 
 
 def test_constrained_outputs_parse_and_pass_the_schema(tiny):
@@ -134,14 +188,25 @@ def test_constrained_outputs_parse_and_pass_the_schema(tiny):
         assert report.valid and all(check.passed for check in report.checks.values()), report.errors
 
 
-def test_grammar_is_compiled_once_per_tokenizer(tiny):
+def test_grammar_is_compiled_once_per_tokenizer(tiny, tmp_path):
     model, tokenizer = tiny
     generate(model, tokenizer, REQUESTS[:1], max_new_tokens=2, constrained=True)
     misses, hits = GRAMMAR_CACHE.misses, GRAMMAR_CACHE.hits
     generate(model, tokenizer, REQUESTS[:3], max_new_tokens=2, batch_size=1, constrained=True)  # 3 batches
     generate(model, tokenizer, REQUESTS[:2], max_new_tokens=2, constrained=True)
+    tokenizer.save_pretrained(tmp_path)  # a copy elsewhere (as beside an adapter) is the same tokenizer
+    generate(model, load_tokenizer(str(tmp_path)), REQUESTS[:1], max_new_tokens=2, constrained=True)
     assert GRAMMAR_CACHE.misses == misses
-    assert GRAMMAR_CACHE.hits == hits + 2
+    assert GRAMMAR_CACHE.hits == hits + 3
+
+
+def test_a_tokenizer_with_another_eos_gets_its_own_grammar(tiny, tmp_path):
+    _, tokenizer = tiny
+    tokenizer.save_pretrained(tmp_path)
+    other = load_tokenizer(str(tmp_path))
+    other.eos_token = other.convert_ids_to_tokens(5)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(load_tokenizer(str(tmp_path))) == tokenizer_fingerprint(tokenizer)
 
 
 def test_every_string_of_the_grammar_passes_the_schema(tiny):

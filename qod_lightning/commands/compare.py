@@ -17,7 +17,7 @@ from qod_lightning.commands.common import (
     positive_int,
     run,
 )
-from qod_lightning.commands.evaluate import evaluate_model
+from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
 
 CHART_METRICS: dict[str, str] = {
     "json_validity": "JSON validity",
@@ -135,20 +135,23 @@ def _compare(args: argparse.Namespace) -> int:
         raise CommandError(f"names used by both --models and --reports: {sorted(set(models) & set(report_files))}")
     reports = {name: _load_report(name, path) for name, path in report_files.items()}
     out_dir = Path(args.out_dir)
+    options = {"max_samples": args.max_samples, "load_in_4bit": args.four_bit, "dtype": args.dtype}
     for name, path in models.items():
-        for constrained in (False, True) if args.constrained_too else (False,):
-            label = f"{name}+constrained" if constrained else name
-            print(f"evaluating {label} ({path})")
-            reports[label] = evaluate_model(
+        output = out_dir / "reports" / f"{name}.json"
+        if args.constrained_too:
+            print(f"evaluating {name} and {name}+constrained ({path})")
+            both = evaluate_model_both(
                 path,
                 args.data,
-                out_dir / "reports" / f"{label}.json",
-                constrained=constrained,
-                max_samples=args.max_samples,
-                load_in_4bit=args.four_bit,
-                dtype=args.dtype,
+                output,
+                output.with_name(f"{name}+constrained.json"),
+                **options,
                 **generation_kwargs(args),
             )
+            reports[name], reports[f"{name}+constrained"] = both
+        else:
+            print(f"evaluating {name} ({path})")
+            reports[name] = evaluate_model(path, args.data, output, **options, **generation_kwargs(args))
     print(write_comparison(reports, out_dir), end="")
     print(f"wrote {out_dir / 'comparison.md'}, comparison.json and comparison.png (reports in {out_dir / 'reports'})")
     return 0

@@ -161,39 +161,143 @@ def evaluate_model(
         ``wall_time_s`` (loading, generating and scoring).
 
     """
-    import torch
-
-    from qod_lightning.generation import generate, load_for_inference
+    from qod_lightning.generation import generate
 
     start = time.perf_counter()
+    records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
+    options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
+    predictions = generate(loaded, tokenizer, [r["input"] for r in records], constrained=constrained, **options)
+    del loaded
+    _free_gpu_memory()
+    return _write_report(records, predictions, output, start, _details(model, data, constrained, options))
+
+
+def evaluate_model_both(
+    model: str,
+    data: str | Path,
+    output: str | Path,
+    constrained_output: str | Path,
+    *,
+    max_samples: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    prompt_format: PromptFormat = "alpaca",
+    do_sample: bool = False,
+    temperature: float = 0.3,
+    max_input_tokens: int = 1024,
+    load_in_4bit: bool = False,
+    dtype: str = "float32",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate one model unconstrained, then constrained, loading it once.
+
+    With greedy decoding the constrained run starts each answer from the part of the
+    unconstrained one that the grammar accepts
+    (:func:`~qod_lightning.generation.grammar_accepted_starts`): the answers of constrained
+    decoding from scratch, for the price of decoding only where the grammar changes them. With
+    sampling the two runs are independent.
+
+    Args:
+        model: Adapter directory, merged model directory, hub id or ``embedded:NAME``.
+        data: JSONL of ``{"input", "expected"}`` records.
+        output: The unconstrained report JSON.
+        constrained_output: The constrained report JSON.
+        max_samples: Evaluate only the first N records.
+        max_new_tokens: Tokens generated per answer.
+        batch_size: Requests per generation batch.
+        prompt_format: ``alpaca`` or ``chat``, as in training.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature.
+        max_input_tokens: Longest prompt kept, in tokens.
+        load_in_4bit: Load the base weights in 4-bit NF4.
+        dtype: Dtype of the non-quantized weights.
+
+    Returns:
+        ``(unconstrained report, constrained report)``, each as :func:`evaluate_model` returns
+        it; each ``wall_time_s`` covers its own generating and scoring (the load counts towards
+        the first). The constrained report adds ``answers_kept_whole``: how many unconstrained
+        answers the grammar accepted whole (``None`` when sampling).
+
+    """
+    from qod_lightning.generation import generate_tokens, grammar_accepted_starts
+
+    start = time.perf_counter()
+    records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
+    requests = [r["input"] for r in records]
+    options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
+    free = generate_tokens(loaded, tokenizer, requests, **options)
+    free_report = _write_report(records, _decode(tokenizer, free), output, start, _details(model, data, False, options))
+    start = time.perf_counter()
+    forced, kept_whole = None, None
+    if not do_sample:
+        forced = grammar_accepted_starts(loaded, tokenizer, free)
+        kept_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
+    bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
+    del loaded
+    _free_gpu_memory()
+    details = {**_details(model, data, True, options), "answers_kept_whole": kept_whole}
+    bound_report = _write_report(records, _decode(tokenizer, bound), constrained_output, start, details)
+    return free_report, bound_report
+
+
+def _load(
+    model: str, data: str | Path, max_samples: int | None, load_in_4bit: bool, dtype: str
+) -> tuple[list[dict[str, Any]], Any, Any]:
+    """``(records, model, tokenizer)``: the evaluation records, then the model for inference."""
+    from qod_lightning.generation import load_for_inference
+
     records = load_eval_records(str(data), max_samples)
     loaded, tokenizer = load_for_inference(check_model_path(model), load_in_4bit=load_in_4bit, dtype=dtype)
-    predictions = generate(
-        loaded,
-        tokenizer,
-        [r["input"] for r in records],
-        prompt_format=prompt_format,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        temperature=temperature,
-        constrained=constrained,
-        max_input_tokens=max_input_tokens,
-    )
-    del loaded
+    return records, loaded, tokenizer
+
+
+def _generation_options(
+    prompt_format: PromptFormat,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    temperature: float,
+    max_input_tokens: int,
+) -> dict[str, Any]:
+    """The keywords of :func:`~qod_lightning.generation.generate_tokens` an evaluation passes on."""
+    return {
+        "prompt_format": prompt_format,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "max_input_tokens": max_input_tokens,
+    }
+
+
+def _decode(tokenizer: Any, answers: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+
+
+def _free_gpu_memory() -> None:
+    """Return cached GPU memory once a model is dropped: the next model of a comparison needs it."""
+    import torch
+
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the next model of a comparison needs the memory
-    report = score_report(
-        records,
-        predictions,
-        model=model,
-        constrained=constrained,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        data=str(data),
-        wall_time_s=round(time.perf_counter() - start, 3),
-    )
+        torch.cuda.empty_cache()
+
+
+def _details(model: str, data: str | Path, constrained: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """What a report says about how its predictions were made."""
+    return {
+        "model": model,
+        "constrained": constrained,
+        "max_new_tokens": options["max_new_tokens"],
+        "do_sample": options["do_sample"],
+        "temperature": options["temperature"],
+        "data": str(data),
+    }
+
+
+def _write_report(
+    records: list[dict[str, Any]], predictions: list[str], output: str | Path, start: float, details: dict[str, Any]
+) -> dict[str, Any]:
+    """Score ``predictions``, add ``details`` and the wall time since ``start``, and write both files atomically."""
+    report = score_report(records, predictions, **details, wall_time_s=round(time.perf_counter() - start, 3))
     write_predictions(predictions_path(output), records, predictions)
     atomic_write_text(output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
