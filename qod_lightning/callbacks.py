@@ -17,8 +17,9 @@ EVAL_RECORD = {"input": str, "expected": dict}
 class GenerationEvaluation(L.Callback):
     """Generate answers for an evaluation set and log the QoD metrics under ``gen/``.
 
-    Runs at the end of every ``every_n_epochs``-th validation epoch (not in the sanity check) and
-    at the end of testing. Logs each metric of :func:`~qod_lightning.metrics.score_predictions` as
+    Runs at the end of every ``every_n_epochs``-th validation epoch and of the last one (not in
+    the sanity check), and at the end of testing. Logs each metric of
+    :func:`~qod_lightning.metrics.score_predictions` as
     ``gen/<name>`` (``gen/field_accuracy/<field>`` per field) and ``gen/constrained``, and, with a
     TensorBoard logger, a markdown table of sample requests, outputs and verdicts. Under DDP only
     rank 0 generates; the figures are broadcast so every rank logs the same values (and monitors
@@ -30,7 +31,7 @@ class GenerationEvaluation(L.Callback):
 
     Args:
         eval_file: JSONL of ``{"input", "expected"}`` records.
-        every_n_epochs: Evaluate every N validation epochs.
+        every_n_epochs: Evaluate every N validation epochs (and after the last one whatever N).
         max_samples: Use only the first N records (all when ``None``).
         max_new_tokens: Tokens generated per answer.
         batch_size: Requests per generation batch.
@@ -65,8 +66,8 @@ class GenerationEvaluation(L.Callback):
         self.records = read_jsonl(self.eval_file, EVAL_RECORD)[: self.max_samples]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Evaluate after every ``every_n_epochs``-th validation epoch."""
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        """Evaluate after every ``every_n_epochs``-th validation epoch and after the last one."""
+        if trainer.sanity_checking or ((trainer.current_epoch + 1) % self.every_n_epochs and not _last_epoch(trainer)):
             return
         self._evaluate(trainer, pl_module)
 
@@ -126,6 +127,13 @@ class GenerationEvaluation(L.Callback):
         table = samples_table([r["input"] for r in rows], outputs, verdicts)
         for logger in loggers:
             logger.experiment.add_text("gen/samples", table, global_step=trainer.global_step)
+
+
+def _last_epoch(trainer: L.Trainer) -> bool:
+    """Whether training ends after this epoch: its ``max_epochs``-th, or ``max_steps`` reached."""
+    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    return bool(trainer.max_epochs and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs)
 
 
 def _verdict(verdict: dict[str, Any]) -> str:

@@ -237,7 +237,7 @@ class GrammarCache:
 
 
 GRAMMAR_CACHE = GrammarCache()
-"""The process-wide cache :func:`generate` uses."""
+"""The process-wide cache :func:`generate_tokens` and :func:`grammar_accepted_starts` use."""
 
 
 class GrammarMask:
@@ -270,7 +270,7 @@ class GrammarMask:
         """Advance each row's matcher by the token chosen for it.
 
         Raises:
-            RuntimeError: When a token was chosen against the mask.
+            RuntimeError: When a token was chosen against the mask (the grammar rejects it).
 
         """
         for row, token in zip(rows, tokens, strict=True):
@@ -354,7 +354,7 @@ class DecodingOptions:
     """How :func:`decode_batch` picks tokens and when it stops.
 
     Attributes:
-        max_new_tokens: Most tokens generated per row.
+        max_new_tokens: Most new tokens per row, forced ones included.
         pad_token_id: Fills the left padding of shorter prompts.
         eos_token_id: Ends a row (and is not part of its answer).
         do_sample: Sample from the temperature-scaled softmax instead of taking the argmax.
@@ -630,13 +630,16 @@ def generate_tokens(
         constrained: Mask the logits with the request grammar (needs ``xgrammar``).
         max_input_tokens: Longest prompt kept, in tokens.
         forced: Tokens each answer starts with (:func:`decode_batch`), such as
-            :func:`grammar_accepted_starts`; answers they already finish are not decoded.
+            :func:`grammar_accepted_starts`; answers they already finish are not decoded. Only
+            their last token is checked for a stop, so an earlier one must not end the answer
+            (a start of a decoded answer never does).
 
     Returns:
         The new tokens of each request's answer (EOS dropped).
 
     Raises:
-        ValueError: When the tokenizer has no EOS, or ``forced`` is not one list per request.
+        ValueError: When the tokenizer has no EOS, or ``forced`` is not one list per request, or
+            one is longer than ``max_new_tokens`` or (``constrained``) against the grammar.
 
     """
     if tokenizer.eos_token_id is None:
@@ -644,12 +647,16 @@ def generate_tokens(
     forced = forced if forced is not None else [[] for _ in requests]
     if len(forced) != len(requests):
         raise ValueError(f"forced has {len(forced)} entries for {len(requests)} requests")
+    if any(len(ids) > max_new_tokens for ids in forced):
+        raise ValueError(f"a forced start is longer than max_new_tokens={max_new_tokens}")
     if not requests:
         return []
     prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
     grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model)) if constrained else None
+    if grammar is not None and any(grammar_prefix_length(grammar, ids) < len(ids) for ids in forced):
+        raise ValueError("a forced start is against the request grammar (see grammar_accepted_starts)")
     done = [_kept_length(tokenizer, ids, options) for ids in forced]
     answers = [ids[:n] if n is not None else [] for ids, n in zip(forced, done, strict=True)]
     pending = [i for i, n in enumerate(done) if n is None]

@@ -85,6 +85,32 @@ def test_logs_metrics_and_a_sample_table_every_n_epochs(tiny_model_dir, small_da
     assert module.model.training  # restored after generating in eval mode
 
 
+@pytest.mark.parametrize(
+    ("limits", "points"),
+    [({"max_epochs": 3}, 2), ({"max_epochs": 5, "max_steps": 1}, 1)],
+    ids=["every-2nd-and-the-last-epoch", "max-steps-ends-the-first-epoch"],
+)
+def test_the_last_epoch_is_always_evaluated(tiny_model_dir, small_data, eval_file, tmp_path, limits, points):
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
+    data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
+    callback = GenerationEvaluation(str(eval_file), every_n_epochs=2, max_samples=1, max_new_tokens=2)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="gen")
+    trainer = L.Trainer(
+        **limits,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    assert len(events(logger.log_dir).Scalars("gen/n")) == points
+
+
 def test_sample_table_escapes_cells():
     table = samples_table(
         ["a | b\nc"],

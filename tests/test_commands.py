@@ -203,10 +203,10 @@ def test_evaluating_both_ways_at_once_equals_two_separate_evaluations(adapter_di
         )
         predictions = (tmp_path / f"{name}.predictions.jsonl").read_text()
         assert predictions == (tmp_path / f"{name}-alone.predictions.jsonl").read_text()
-        assert {k: v for k, v in report.items() if k not in ("wall_time_s", "answers_kept_whole")} == {
+        assert {k: v for k, v in report.items() if k not in ("wall_time_s", "answers_accepted_whole")} == {
             k: v for k, v in alone.items() if k != "wall_time_s"
         }
-    assert isinstance(both[1]["answers_kept_whole"], int) and "answers_kept_whole" not in both[0]
+    assert isinstance(both[1]["answers_accepted_whole"], int) and "answers_accepted_whole" not in both[0]
 
 
 def test_evaluate_reports_bad_data_in_one_line(capsys, tmp_path):

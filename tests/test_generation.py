@@ -166,6 +166,15 @@ def test_constrained_answers_from_unconstrained_starts_equal_those_from_scratch(
     assert resumed == scratch
 
 
+def test_forced_starts_must_fit_the_budget_and_the_grammar(tiny):
+    model, tokenizer = tiny
+    brace = tokenizer("{", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="longer than max_new_tokens=1"):
+        generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=1, forced=[brace + brace])
+    with pytest.raises(ValueError, match="against the request grammar"):
+        generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=4, constrained=True, forced=[brace + brace])
+
+
 def test_grammar_accepted_starts_end_where_the_grammar_rejects(tiny):
     model, tokenizer = tiny
     valid = generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=1000, constrained=True)[0]

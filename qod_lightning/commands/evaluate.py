@@ -214,8 +214,10 @@ def evaluate_model_both(
     Returns:
         ``(unconstrained report, constrained report)``, each as :func:`evaluate_model` returns
         it; each ``wall_time_s`` covers its own generating and scoring (the load counts towards
-        the first). The constrained report adds ``answers_kept_whole``: how many unconstrained
-        answers the grammar accepted whole (``None`` when sampling).
+        the first). The constrained report adds ``answers_accepted_whole``: how many unconstrained
+        answers the grammar accepted whole (``None`` when sampling). Those that had ended (a
+        closed object, or out of tokens) are taken as they are, with no decoding; one that
+        stopped at EOS short of a complete object is decoded on, as the grammar rejects EOS.
 
     """
     from qod_lightning.generation import generate_tokens, grammar_accepted_starts
@@ -227,14 +229,14 @@ def evaluate_model_both(
     free = generate_tokens(loaded, tokenizer, requests, **options)
     free_report = _write_report(records, _decode(tokenizer, free), output, start, _details(model, data, False, options))
     start = time.perf_counter()
-    forced, kept_whole = None, None
+    forced, accepted_whole = None, None
     if not do_sample:
         forced = grammar_accepted_starts(loaded, tokenizer, free)
-        kept_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
+        accepted_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
     bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
     del loaded
     _free_gpu_memory()
-    details = {**_details(model, data, True, options), "answers_kept_whole": kept_whole}
+    details = {**_details(model, data, True, options), "answers_accepted_whole": accepted_whole}
     bound_report = _write_report(records, _decode(tokenizer, bound), constrained_output, start, details)
     return free_report, bound_report
 
