@@ -209,6 +209,32 @@ def test_evaluating_both_ways_at_once_equals_two_separate_evaluations(adapter_di
     assert isinstance(both[1]["answers_accepted_whole"], int) and "answers_accepted_whole" not in both[0]
 
 
+def test_both_ways_resumes_where_the_grammar_rejects_the_free_answer(adapter_dir, eval_file, tmp_path, monkeypatch):
+    """The random model's own free answers break the grammar at their first token, so stand-ins
+    replace them: its constrained answers, broken by a rejected token after 2 and 9 tokens, or
+    not at all. Reference: constrained decoding from scratch."""
+    import qod_lightning.generation as generation
+    from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
+
+    options = {"max_new_tokens": 40, "batch_size": 3}
+    scratch = evaluate_model(str(adapter_dir), eval_file, tmp_path / "ref.json", constrained=True, **options)
+    real, breaks, starts = generation.generate_tokens, [2, 9, None], []
+
+    def stand_in(model, tokenizer, requests, *, constrained=False, forced=None, **kwargs):
+        starts.extend([len(ids) for ids in forced] if constrained else [])
+        answers = real(model, tokenizer, requests, constrained=True, forced=forced, **kwargs)
+        brace = tokenizer("{", add_special_tokens=False)["input_ids"]  # never valid after the first token
+        broken = [a if k is None else a[:k] + brace for a, k in zip(answers, breaks, strict=True)]
+        return answers if constrained else broken
+
+    monkeypatch.setattr(generation, "generate_tokens", stand_in)
+    _, bound = evaluate_model_both(str(adapter_dir), eval_file, tmp_path / "m.json", tmp_path / "m+c.json", **options)
+    assert (tmp_path / "m+c.predictions.jsonl").read_text() == (tmp_path / "ref.predictions.jsonl").read_text()
+    assert (tmp_path / "m.predictions.jsonl").read_text() != (tmp_path / "ref.predictions.jsonl").read_text()
+    assert starts == [2, 9, 40]  # the constrained run resumed from the accepted starts
+    assert bound["answers_accepted_whole"] == 1 and bound["spec_compliance"] == scratch["spec_compliance"]
+
+
 def test_evaluate_reports_bad_data_in_one_line(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n')
