@@ -283,9 +283,17 @@ class GrammarMask:
             RuntimeError: When the grammar rejects one of them.
 
         """
-        for token in tokens:
-            if not self.matchers[row].accept_token(token):
-                raise RuntimeError(f"row {row}: token {token} is against the grammar")
+        accepted = _accept_tokens(self.matchers[row], tokens)
+        if accepted < len(tokens):
+            raise RuntimeError(f"row {row}: token {tokens[accepted]} is against the grammar")
+
+
+def _accept_tokens(matcher: Any, tokens: list[int]) -> int:
+    """Feed ``tokens`` to an xgrammar matcher until it rejects one; return how many it accepted."""
+    for index, token in enumerate(tokens):
+        if not matcher.accept_token(token):
+            return index
+    return len(tokens)
 
 
 def grammar_prefix_length(grammar: Any, tokens: list[int]) -> int:
@@ -301,11 +309,7 @@ def grammar_prefix_length(grammar: Any, tokens: list[int]) -> int:
     """
     import xgrammar as xgr
 
-    matcher = xgr.GrammarMatcher(grammar)
-    for index, token in enumerate(tokens):
-        if not matcher.accept_token(token):
-            return index
-    return len(tokens)
+    return _accept_tokens(xgr.GrammarMatcher(grammar), tokens)
 
 
 def _open_braces(text: str) -> int:
@@ -686,7 +690,11 @@ def generate(
         The generated texts (new tokens only, special tokens skipped), one per request.
 
     """
-    answers = generate_tokens(model, tokenizer, requests, **options)
+    return decode_answers(tokenizer, generate_tokens(model, tokenizer, requests, **options))
+
+
+def decode_answers(tokenizer: PreTrainedTokenizerBase, answers: list[list[int]]) -> list[str]:
+    """The text of each answer's tokens (:func:`generate_tokens`), special tokens skipped."""
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
 
 

@@ -41,17 +41,13 @@ def events(log_dir) -> EventAccumulator:
     return accumulator
 
 
-def test_logs_metrics_and_a_sample_table_every_n_epochs(tiny_model_dir, small_data, eval_file, tmp_path):
-    L.seed_everything(0)
-    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
-    data = SFTDataWithTest(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
-    callback = GenerationEvaluation(str(eval_file), every_n_epochs=2, max_new_tokens=12, batch_size=2, num_table_rows=2)
+def one_batch_trainer(tmp_path, callback, **limits) -> tuple[L.Trainer, TensorBoardLogger]:
+    """A CPU trainer of one train and one validation batch per epoch, logging to TensorBoard."""
     logger = TensorBoardLogger(str(tmp_path / "logs"), name="gen")
     trainer = L.Trainer(
-        max_epochs=2,
+        **limits,
         limit_train_batches=1,
         limit_val_batches=1,
-        num_sanity_val_steps=1,
         logger=logger,
         callbacks=[callback],
         enable_checkpointing=False,
@@ -59,6 +55,15 @@ def test_logs_metrics_and_a_sample_table_every_n_epochs(tiny_model_dir, small_da
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
+    return trainer, logger
+
+
+def test_logs_metrics_and_a_sample_table_every_n_epochs(tiny_model_dir, small_data, eval_file, tmp_path):
+    L.seed_everything(0)
+    module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
+    data = SFTDataWithTest(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
+    callback = GenerationEvaluation(str(eval_file), every_n_epochs=2, max_new_tokens=12, batch_size=2, num_table_rows=2)
+    trainer, logger = one_batch_trainer(tmp_path, callback, max_epochs=2, num_sanity_val_steps=1)
     trainer.fit(module, data)
 
     accumulator = events(logger.log_dir)
@@ -94,19 +99,7 @@ def test_the_last_epoch_is_always_evaluated(tiny_model_dir, small_data, eval_fil
     module = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(tmp_path / "out"))
     data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
     callback = GenerationEvaluation(str(eval_file), every_n_epochs=2, max_samples=1, max_new_tokens=2)
-    logger = TensorBoardLogger(str(tmp_path / "logs"), name="gen")
-    trainer = L.Trainer(
-        **limits,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer, logger = one_batch_trainer(tmp_path, callback, num_sanity_val_steps=0, **limits)
     trainer.fit(module, data)
     assert len(events(logger.log_dir).Scalars("gen/n")) == points
 

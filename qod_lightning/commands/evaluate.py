@@ -220,14 +220,16 @@ def evaluate_model_both(
         stopped at EOS short of a complete object is decoded on, as the grammar rejects EOS.
 
     """
-    from qod_lightning.generation import generate_tokens, grammar_accepted_starts
+    from qod_lightning.generation import decode_answers, generate_tokens, grammar_accepted_starts
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
     requests = [r["input"] for r in records]
     options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
     free = generate_tokens(loaded, tokenizer, requests, **options)
-    free_report = _write_report(records, _decode(tokenizer, free), output, start, _details(model, data, False, options))
+    free_report = _write_report(
+        records, decode_answers(tokenizer, free), output, start, _details(model, data, False, options)
+    )
     start = time.perf_counter()
     forced, accepted_whole = None, None
     if not do_sample:
@@ -237,7 +239,7 @@ def evaluate_model_both(
     del loaded
     _free_gpu_memory()
     details = {**_details(model, data, True, options), "answers_accepted_whole": accepted_whole}
-    bound_report = _write_report(records, _decode(tokenizer, bound), constrained_output, start, details)
+    bound_report = _write_report(records, decode_answers(tokenizer, bound), constrained_output, start, details)
     return free_report, bound_report
 
 
@@ -269,10 +271,6 @@ def _generation_options(
         "temperature": temperature,
         "max_input_tokens": max_input_tokens,
     }
-
-
-def _decode(tokenizer: Any, answers: list[list[int]]) -> list[str]:
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
 
 
 def _free_gpu_memory() -> None:
