@@ -15,6 +15,8 @@ from qod_lightning.commands.bench import main
 
 RUN_KEYS = {
     "stage_s",
+    "before_steps_s",
+    "after_steps_s",
     "response_tokens",
     "response_tokens_per_s",
     "examples_per_s",
@@ -82,7 +84,9 @@ def test_gpu_table_and_result_name(tmp_path, monkeypatch):
     result = {
         "model": "phi3-mini-random",
         "settings": {"quant": "4bit"},
-        "stages": {"sft": {"ours": {"sequence_tokens": 40960, "stage_s": 4.0}}},
+        "stages": {
+            "sft": {"ours": {"sequence_tokens": 40960, "stage_s": 4.0, "before_steps_s": 0.25, "after_steps_s": 0.125}}
+        },
         "gpu": {
             "name": "NVIDIA H200",
             "peak_bf16_tflops": 790.0,
@@ -101,6 +105,7 @@ def test_gpu_table_and_result_name(tmp_path, monkeypatch):
     }
     text = report.gpu_table(result)
     assert "19.800" in text and "NVIDIA H200: measured bf16 peak 790 TFLOP/s" in text
+    assert "0.250" in text and "0.125" in text
     monkeypatch.chdir(tmp_path)
     path = write_result(result, None)
     assert path.as_posix() == "benchmarks/results/phi3-mini-random_4bit_nvidia-h200.json"
@@ -154,6 +159,10 @@ def test_bench_command_runs_ours_and_writes_json(tmp_path, tiny_model_dir, small
         assert set(run) >= RUN_KEYS
         assert run["steps"] == 2 and len(run["losses"]) == 2 and run["examples"] == 4
         assert run["response_tokens_per_s"] > 0 and run["peak_rss_mb"] > 0
+        # the stage's time is before the first step + the steps + after the last, nothing unaccounted
+        parts = run["before_steps_s"] + sum(run["step_times_s"]) + run["after_steps_s"]
+        assert math.isclose(parts, run["stage_s"], rel_tol=1e-9) and run["after_steps_s"] >= run["teardown_s"] >= 0
+        assert run["model_to_cpu_s"] >= 0 and {"train_end", "fit_end"} <= set(run["rss_probes_mb"])
     assert result["stages"]["dpo"]["ours"]["precompute_s"] > 0  # the reference pass is inside the stage
     assert math.isclose(result["stages"]["dpo"]["ours"]["losses"][0], math.log(2), rel_tol=1e-5)
     generation = result["generation"]

@@ -419,7 +419,10 @@ def process_peak_rss_mb() -> float:
 
 @contextmanager
 def stage_clock(gpu: bool = False) -> Iterator[dict[str, float]]:
-    """Time a block and record its peak RSS (and with ``gpu``, peak GPU memory); yields the numbers' dict."""
+    """Time a block and record its peak RSS (and with ``gpu``, peak GPU memory); yields the numbers' dict.
+
+    ``clock_start`` and ``clock_end`` are the ``perf_counter`` readings that bound ``stage_s``.
+    """
     numbers: dict[str, float] = {}
     release_free_memory()
     if gpu:
@@ -428,11 +431,13 @@ def stage_clock(gpu: bool = False) -> Iterator[dict[str, float]]:
     numbers["rss_at_start_mb"] = current_rss_mb()
     numbers["peak_reset"] = float(reset_peak_rss())
     start = time.perf_counter()
+    numbers["clock_start"] = start
     try:
         yield numbers
     finally:
         synchronize()
-        numbers["stage_s"] = time.perf_counter() - start
+        numbers["clock_end"] = time.perf_counter()
+        numbers["stage_s"] = numbers["clock_end"] - start
         numbers["peak_rss_mb"] = peak_rss_mb()
         numbers["process_peak_rss_mb"] = process_peak_rss_mb()
         if gpu:
@@ -481,7 +486,11 @@ def summarize(
         "median_step_s": ordered[len(ordered) // 2],
         "mean_step_s": sum(step_times) / max(1, len(step_times)),
         "first_step_s": step_times[0] if step_times else float("nan"),
-        **{k: v for k, v in numbers.items() if k != "stage_s"},
+        # where the stage's time outside its steps goes: trainer build, setup and any reference
+        # pass before the first step; the end of the loop and teardown after the last
+        "before_steps_s": train_start - numbers["clock_start"],
+        "after_steps_s": numbers["clock_end"] - (step_ends[-1] if step_ends else train_start),
+        **{k: v for k, v in numbers.items() if k not in ("stage_s", "clock_start", "clock_end")},
         "stage_rss_increase_mb": numbers["peak_rss_mb"] - numbers["rss_at_start_mb"],
         "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         **extra,

@@ -24,6 +24,7 @@ from qod_lightning.bench.common import (
 )
 from qod_lightning.modules.dpo import DPOModule
 from qod_lightning.modules.sft import SFTModule
+from qod_lightning.strategy import KeepOnDeviceStrategy
 
 
 class _NoFinalSave:
@@ -46,10 +47,11 @@ class StepRecorder(L.Callback):
 
     Lightning calls callbacks' ``on_fit_start`` before the module's (where :class:`DPOModule` computes
     its reference log-probs) and ``on_train_start`` after it, so the gap is the precomputation.
+    Between ``on_train_end`` and ``on_fit_end`` runs the strategy's teardown.
     """
 
     def __init__(self) -> None:
-        self.fit_start = self.train_start = 0.0
+        self.fit_start = self.train_start = self.train_end = self.fit_end = 0.0
         self.step_ends: list[float] = []
         self.losses: list[float] = []
         self.first_logps: dict[str, float] | None = None
@@ -64,6 +66,18 @@ class StepRecorder(L.Callback):
         """Clock the start of the first step."""
         self.train_start = time.perf_counter()
         self.rss_mb["train_start"] = current_rss_mb()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Clock the end of the training loop."""
+        synchronize()
+        self.train_end = time.perf_counter()
+        self.rss_mb["train_end"] = current_rss_mb()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Clock the end of the strategy's teardown."""
+        synchronize()
+        self.fit_end = time.perf_counter()
+        self.rss_mb["fit_end"] = current_rss_mb()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -95,12 +109,14 @@ def build_module(spec: StageSpec) -> L.LightningModule:
 def build_trainer(spec: StageSpec, recorder: StepRecorder) -> L.Trainer:
     """A Lightning ``Trainer`` of ``spec.steps`` steps: clip 1.0, no validation, logger or checkpoints.
 
-    fp32 on the CPU; bf16 autocast on a GPU (``configs/sft.yaml``'s ``bf16-mixed``).
+    fp32 on the CPU; bf16 autocast on a GPU (``configs/sft.yaml``'s ``bf16-mixed``). The strategy
+    is ``configs/sft.yaml``'s too: the model stays on its device after ``fit``.
     """
     gpu = spec.device == "cuda"
     return L.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=1,
+        strategy=KeepOnDeviceStrategy(),
         precision="bf16-mixed" if gpu else "32-true",
         max_steps=spec.steps,
         max_epochs=1,
@@ -142,6 +158,10 @@ def run_ours(spec: StageSpec) -> dict[str, Any]:
         trainer = build_trainer(spec, recorder)
         trainer.fit(module, datamodule=dm)
     examples = [dm.train_set.examples[i] for i in training_order(dm)][: spec.steps * spec.batch_size]
+    offload_start = time.perf_counter()
+    module.cpu()  # after the clock: what Lightning's default teardown would have added to the stage
+    synchronize()
+    offload_s = time.perf_counter() - offload_start
     return summarize(
         spec,
         numbers,
@@ -149,6 +169,8 @@ def run_ours(spec: StageSpec) -> dict[str, Any]:
         recorder.train_start,
         examples,
         precompute_s=recorder.train_start - recorder.fit_start if spec.stage == "dpo" else 0.0,
+        teardown_s=recorder.fit_end - recorder.train_end,
+        model_to_cpu_s=offload_s,
         losses=recorder.losses,
         first_batch_logps=recorder.first_logps,
         rss_probes_mb=recorder.rss_mb,

@@ -360,6 +360,8 @@ def gpu_table(result: dict[str, Any]) -> str:
             label,
             runs[label]["sequence_tokens"],
             runs[label]["stage_s"],
+            runs[label].get("before_steps_s", float("nan")),  # results before 2026-11-26 lack the split
+            runs[label].get("after_steps_s", float("nan")),
             found["tokens_per_s"],
             100 * found["mfu"],
             found["median_step_tokens_per_s"],
@@ -367,7 +369,17 @@ def gpu_table(result: dict[str, Any]) -> str:
         ]
         for label, found in gpu["mfu"].get("sft", {}).items()
     ]
-    header = ["SFT run", "tokens", "stage s", "tokens/s", "MFU %", "median-step tokens/s", "median-step MFU %"]
+    header = [
+        "SFT run",
+        "tokens",
+        "stage s",
+        "s before steps",
+        "s after steps",
+        "tokens/s",
+        "MFU %",
+        "median-step tokens/s",
+        "median-step MFU %",
+    ]
     text = table(header, rows)
     return text + (
         f"\n{gpu['name']}: measured bf16 peak {gpu['peak_bf16_tflops']:.0f} TFLOP/s; "
