@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,3 +280,15 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
     return Path(directory)
+
+
+def free_gpu_memory() -> None:
+    """Free the models that were dropped, and return the GPU memory they held to the driver.
+
+    A Lightning trainer and its module refer to each other, so a finished stage's model is freed
+    only by the cycle collector, not when the last name for it goes. ``gc.collect`` runs that
+    collector now, before the next stage loads its own model beside it.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -101,6 +101,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
     last checkpoint (``--force`` starts both afresh).
     """
     from qod_lightning.cli import cli_main
+    from qod_lightning.model import free_gpu_memory
 
     sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
@@ -113,6 +114,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
         cli_main(_stage_args(cfg, config, stage, adapter, resume))
+        free_gpu_memory()  # the finished stage's model may still be on the GPU (KeepOnDeviceStrategy)
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
     return sft, dpo
 

@@ -126,6 +126,26 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert f"--trainer.callbacks.dirpath={tmp_path / 'sft' / 'checkpoints'}" in sft
 
 
+def test_each_training_stage_frees_its_model_before_the_next(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    # On a GPU, KeepOnDeviceStrategy leaves a finished stage's model there; a trainer and its
+    # module refer to each other, so only the cycle collector frees them.
+    import weakref
+
+    import qod_lightning.cli
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    real_cli_main, modules = qod_lightning.cli.cli_main, []
+
+    def fit_and_drop(args):
+        assert all(module() is None for module in modules), "the last stage's module is still alive"
+        modules.append(weakref.ref(real_cli_main(args).model))
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", fit_and_drop)
+    config = smoke_config(tmp_path, str(tiny_model_dir), small_data, eval_records=1, max_new_tokens=8)
+    run_training(PipelineConfig.from_yaml(config), force=False)
+    assert len(modules) == 2 and all(module() is None for module in modules)
+
+
 def test_pipeline_reports_an_incomplete_stage_output(tmp_path, monkeypatch, capsys):
     import qod_lightning.cli
     from qod_lightning.pipeline import PipelineConfig, run_training

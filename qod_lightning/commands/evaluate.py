@@ -162,13 +162,14 @@ def evaluate_model(
 
     """
     from qod_lightning.generation import generate
+    from qod_lightning.model import free_gpu_memory
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
     options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
     predictions = generate(loaded, tokenizer, [r["input"] for r in records], constrained=constrained, **options)
     del loaded
-    _free_gpu_memory()
+    free_gpu_memory()
     return _write_report(records, predictions, output, start, _details(model, data, constrained, options))
 
 
@@ -221,6 +222,7 @@ def evaluate_model_both(
 
     """
     from qod_lightning.generation import decode_answers, generate_tokens, grammar_accepted_starts
+    from qod_lightning.model import free_gpu_memory
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
@@ -237,7 +239,7 @@ def evaluate_model_both(
         accepted_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
     bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
     del loaded
-    _free_gpu_memory()
+    free_gpu_memory()
     details = {**_details(model, data, True, options), "answers_accepted_whole": accepted_whole}
     bound_report = _write_report(records, decode_answers(tokenizer, bound), constrained_output, start, details)
     return free_report, bound_report
@@ -271,14 +273,6 @@ def _generation_options(
         "temperature": temperature,
         "max_input_tokens": max_input_tokens,
     }
-
-
-def _free_gpu_memory() -> None:
-    """Return cached GPU memory once a model is dropped: the next model of a comparison needs it."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _details(model: str, data: str | Path, constrained: bool, options: dict[str, Any]) -> dict[str, Any]:
