@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from qod_lightning.cli import cli_main
 from qod_lightning.strategy import KeepOnDeviceStrategy
 from tests.test_cli import TRAINING_CONFIGS, tiny_overrides
+from tests.test_modules import trainer
 
 
 class _Linear(L.LightningModule):
@@ -35,19 +36,9 @@ class _Linear(L.LightningModule):
 
 def _fit(strategy, tmp_path) -> tuple[L.Trainer, _Linear]:
     module = _Linear()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module)
-    return trainer, module
+    fitted = trainer(tmp_path, accelerator="cpu", devices=1, strategy=strategy, max_steps=2)
+    fitted.fit(module)
+    return fitted, module
 
 
 def test_teardown_leaves_the_model_and_optimizer_where_they_are(tmp_path, monkeypatch):
