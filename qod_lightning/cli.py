@@ -25,11 +25,18 @@ INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge", "bench")
 
 
 class QoDCLI(LightningCLI):
-    """LightningCLI whose data module shares the model's tokenizer path."""
+    """LightningCLI whose data module shares the model's tokenizer path, and which checks the strategy's devices."""
 
     def add_arguments_to_parser(self, parser) -> None:
         """Link ``data.model_name_or_path`` to the model's, so a config names the model once."""
         parser.link_arguments("model.init_args.model.model_name_or_path", "data.init_args.model_name_or_path")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a single-device strategy given several devices (see :func:`check_one_device`)."""
+        from qod_lightning.strategy import check_one_device
+
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        check_one_device(trainer.strategy, trainer.devices, trainer.num_nodes)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> QoDCLI:

@@ -58,3 +58,34 @@ class KeepOnDeviceStrategy(SingleDeviceStrategy):
             super().teardown()
         finally:
             self._lightning_module, self._optimizers = held
+
+
+def check_one_device(strategy: object, devices: object, num_nodes: int = 1) -> None:
+    """Refuse :class:`KeepOnDeviceStrategy` with more than one device, which it would silently ignore.
+
+    Lightning gives a single-device strategy one device whatever ``devices`` says, so a config
+    that names this strategy and a command line that adds ``--trainer.devices 4`` would train on
+    one GPU of four without a word.
+
+    Args:
+        strategy: The trainer's ``strategy`` setting: a name, an instance, or a parsed
+            ``class_path`` / ``init_args`` namespace.
+        devices: The trainer's ``devices`` setting; ``1``, ``"1"`` and one device index (``[3]``,
+            ``"3,"``) pass.
+        num_nodes: The trainer's ``num_nodes`` setting.
+
+    Raises:
+        ValueError: When the strategy is :class:`KeepOnDeviceStrategy` and ``devices`` or
+            ``num_nodes`` asks for more than one device.
+    """
+    class_path = getattr(strategy, "class_path", None) or type(strategy).__module__ + "." + type(strategy).__name__
+    if not class_path.endswith("KeepOnDeviceStrategy"):
+        return
+    if isinstance(devices, str) and "," in devices:  # Lightning reads "0," as the list [0]
+        devices = [index for index in devices.split(",") if index.strip()]
+    one = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    if not one or num_nodes != 1:
+        raise ValueError(
+            f"KeepOnDeviceStrategy trains on one device, but devices={devices!r} and num_nodes={num_nodes}: "
+            "for several, also pass --trainer.strategy ddp (or fsdp)"
+        )

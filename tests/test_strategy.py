@@ -1,5 +1,7 @@
 """KeepOnDeviceStrategy: Lightning's teardown minus the move to the CPU; the device follows the accelerator."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -7,7 +9,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from qod_lightning.cli import cli_main
-from qod_lightning.strategy import KeepOnDeviceStrategy
+from qod_lightning.strategy import KeepOnDeviceStrategy, check_one_device
 from tests.test_cli import TRAINING_CONFIGS, tiny_overrides
 from tests.test_modules import trainer
 
@@ -89,3 +91,31 @@ def test_gpu_recipe_configs_keep_the_model_and_scale_out_with_ddp(config, tiny_m
     assert cli.trainer.strategy.root_device == torch.device("cpu")  # no GPU here: the config still runs
     cli = cli_main([*args, "--trainer.strategy", "ddp"], run=False)  # the README's scale-out override
     assert isinstance(cli.trainer.strategy, DDPStrategy)
+
+
+OURS = SimpleNamespace(class_path="qod_lightning.strategy.KeepOnDeviceStrategy", init_args={})
+
+
+@pytest.mark.parametrize("devices", [1, "1", [0], (3,), "3,"])
+def test_one_device_passes(devices):
+    check_one_device(OURS, devices)
+    check_one_device(KeepOnDeviceStrategy(), devices)
+
+
+@pytest.mark.parametrize(
+    ("devices", "num_nodes"), [(2, 1), ("2", 1), ("auto", 1), (-1, 1), ([0, 1], 1), ("0,1", 1), (1, 2)]
+)
+def test_several_devices_are_refused_not_ignored(devices, num_nodes):
+    with pytest.raises(ValueError, match=r"trains on one device.*--trainer\.strategy ddp"):
+        check_one_device(OURS, devices, num_nodes)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", DDPStrategy(), SimpleNamespace(class_path="x.DDPStrategy")])
+def test_other_strategies_take_any_device_count(strategy):
+    check_one_device(strategy, 4, 2)
+
+
+def test_cli_refuses_more_devices_without_another_strategy(tiny_model_dir, small_data, tmp_path):
+    args = tiny_overrides(tiny_model_dir, tmp_path, small_data, TRAINING_CONFIGS[1], False)
+    with pytest.raises(ValueError, match="devices='2'"):
+        cli_main([*args, "--trainer.devices", "2"], run=False)
