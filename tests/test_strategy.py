@@ -89,8 +89,8 @@ def test_gpu_recipe_configs_keep_the_model_and_scale_out_with_ddp(config, tiny_m
     cli = cli_main(args, run=False)
     assert isinstance(cli.trainer.strategy, KeepOnDeviceStrategy)
     assert cli.trainer.strategy.root_device == torch.device("cpu")  # no GPU here: the config still runs
-    cli = cli_main([*args, "--trainer.strategy", "ddp"], run=False)  # the README's scale-out override
-    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    cli = cli_main([*args, "--trainer.strategy", "ddp", "--trainer.devices", "2"], run=False)  # README's scale-out
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
 
 
 OURS = SimpleNamespace(class_path="qod_lightning.strategy.KeepOnDeviceStrategy", init_args={})
