@@ -109,24 +109,42 @@ class GenerationEvaluation(L.Callback):
         report = score_predictions(
             predictions, [r["input"] for r in self.records], [r["expected"] for r in self.records]
         )
-        figures: dict[str, float] = {"gen/constrained": float(self.constrained)}
-        for key, value in report.items():
-            if isinstance(value, dict):
-                figures.update({f"gen/{key}/{field}": float(v) for field, v in value.items()})
-            else:
-                figures[f"gen/{key}"] = float(value)
-        return figures
+        return {"gen/constrained": float(self.constrained), **report_scalars(report, "gen")}
 
     def _write_table(self, trainer: L.Trainer, predictions: list[str]) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers or not self.num_table_rows:
             return
-        rows = self.records[: self.num_table_rows]
-        outputs = predictions[: self.num_table_rows]
-        verdicts = per_example_verdicts(outputs, [r["input"] for r in rows], [r["expected"] for r in rows])
-        table = samples_table([r["input"] for r in rows], outputs, verdicts)
+        table = records_table(self.records[: self.num_table_rows], predictions)
         for logger in loggers:
             logger.experiment.add_text("gen/samples", table, global_step=trainer.global_step)
+
+
+def report_scalars(report: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of a :func:`~qod_lightning.metrics.score_predictions` report as scalar tags.
+
+    Args:
+        report: The report; its nested ``field_accuracy`` becomes ``<prefix>/field_accuracy/<field>``.
+        prefix: Tag prefix, e.g. ``gen``.
+
+    Returns:
+        ``{tag: value}`` for every numeric entry (text entries of a report file are left out).
+
+    """
+    figures: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            figures.update({f"{prefix}/{key}/{field}": float(v) for field, v in value.items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            figures[f"{prefix}/{key}"] = float(value)
+    return figures
+
+
+def records_table(records: list[dict[str, Any]], predictions: list[str]) -> str:
+    """:func:`samples_table` of ``{"input", "expected"}`` records and their outputs (extra outputs ignored)."""
+    outputs = predictions[: len(records)]
+    requests = [r["input"] for r in records]
+    return samples_table(requests, outputs, per_example_verdicts(outputs, requests, [r["expected"] for r in records]))
 
 
 def _last_epoch(trainer: L.Trainer) -> bool:

@@ -25,11 +25,26 @@ INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge", "bench")
 
 
 class QoDCLI(LightningCLI):
-    """LightningCLI whose data module shares the model's tokenizer path, and which checks the strategy's devices."""
+    """LightningCLI whose data module shares the model's tokenizer path, and which checks the strategy's devices.
+
+    It adds one option, ``--generation_checks`` (default true): ``false`` drops the configs'
+    :class:`~qod_lightning.callbacks.GenerationEvaluation` callbacks, for a caller that evaluates
+    the trained model itself, on the whole set (the pipeline does, and logs that to TensorBoard).
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         """Link ``data.model_name_or_path`` to the model's, so a config names the model once."""
         parser.link_arguments("model.init_args.model.model_name_or_path", "data.init_args.model_name_or_path")
+        parser.add_argument(
+            "--generation_checks", type=bool, default=True, help="run the configs' GenerationEvaluation callbacks"
+        )
+
+    def before_fit(self) -> None:
+        """Drop the generation checks when ``--generation_checks false``."""
+        from qod_lightning.callbacks import GenerationEvaluation
+
+        if not self.config[self.subcommand].generation_checks:
+            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, GenerationEvaluation)]
 
     def before_instantiate_classes(self) -> None:
         """Refuse a single-device strategy given several devices (see :func:`check_one_device`)."""

@@ -13,9 +13,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -24,10 +27,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qod_lightning.data.tokenize import PromptFormat, encode_prompt
 from qod_lightning.extraction import find_json_object
+from qod_lightning.kv_cache import ReservedCache
 from qod_lightning.model import ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
 from qod_lightning.schema import IPV4_NETWORK_PATTERN, IPV4_PATTERN, NAI_PATTERN, REQUEST_SCHEMA
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _HEX = "[0-9a-fA-F]{1,4}"
 IPV6_STRICT = "|".join(
@@ -390,7 +397,7 @@ def _choose(scores: torch.Tensor, options: DecodingOptions) -> list[int]:
     return torch.multinomial(probs, num_samples=1).squeeze(1).tolist()
 
 
-def _shared_prefix_cache(model: PreTrainedModel | PeftModel, prompts: list[list[int]]) -> tuple[Any, int]:
+def _shared_prefix_cache(model: PreTrainedModel | PeftModel, prompts: list[list[int]], reserve: int) -> tuple[Any, int]:
     """Run the tokens every prompt starts with once, as one row, and copy its cache to every row.
 
     Every prompt opens with the same instruction (a quarter of an evaluation prompt's tokens for
@@ -399,24 +406,27 @@ def _shared_prefix_cache(model: PreTrainedModel | PeftModel, prompts: list[list[
     which must produce each row's first logits.
 
     Returns:
-        ``(cache, P)``: the cache of the shared ``P`` tokens repeated for every row, or
-        ``(None, 0)`` when the prompts share no token or there is one prompt (nothing to share).
+        ``(cache, P)``: a :class:`~qod_lightning.kv_cache.ReservedCache` (room for ``reserve``
+        more positions) holding the shared ``P`` tokens for every row; it is empty, with
+        ``P = 0``, when the prompts share no token or there is one prompt (nothing to share).
 
     """
+    cache = ReservedCache(reserve)
     if len(prompts) < 2:
-        return None, 0
+        return cache, 0
     shortest = min(prompts, key=len)
     shared = next((i for i, token in enumerate(shortest) if any(ids[i] != token for ids in prompts)), len(shortest))
     shared = min(shared, len(shortest) - 1)
     if shared <= 0:
-        return None, 0
-    out = model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device), use_cache=True, logits_to_keep=1)
+        return cache, 0
+    ids = torch.tensor([prompts[0][:shared]], device=model.device)  # (1, P)
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     out.cache.batch_repeat_interleave(len(prompts))  # (1, ...) -> (B, ...) in every layer
     return out.cache, shared
 
 
 def prefill(
-    model: PreTrainedModel | PeftModel, prompts: list[list[int]], pad_token_id: int
+    model: PreTrainedModel | PeftModel, prompts: list[list[int]], pad_token_id: int, reserve: int = 0
 ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """Run a batch of prompts through the model, ready for the first decoding step.
 
@@ -428,6 +438,8 @@ def prefill(
         model: A causal LM (plain or PEFT) in eval mode.
         prompts: Prompt ids, one list per row.
         pad_token_id: Fills the padding.
+        reserve: Room in the cache for this many more positions (the tokens still to decode),
+            so decoding steps write into it instead of growing it.
 
     Returns:
         ``(scores, cache, attention_mask, positions)``: the next-token logits (B, V) in float32,
@@ -436,7 +448,7 @@ def prefill(
 
     """
     device = model.device
-    cache, shared = _shared_prefix_cache(model, prompts)
+    cache, shared = _shared_prefix_cache(model, prompts, reserve)
     input_ids, suffix_mask = (t.to(device) for t in _left_pad([ids[shared:] for ids in prompts], pad_token_id))
     positions = shared + (suffix_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, S); padding's positions are masked anyway
     attention_mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=1)  # (B, P + S)
@@ -491,7 +503,10 @@ def decode_batch(
             for row in running:
                 mask.advance(row, new_tokens[row])
         scores, cache, attention_mask, positions = prefill(
-            model, [prompts[row] + new_tokens[row] for row in running], options.pad_token_id
+            model,
+            [prompts[row] + new_tokens[row] for row in running],
+            options.pad_token_id,
+            reserve=options.max_new_tokens - min(len(new_tokens[row]) for row in running),
         )
     while running:
         if mask is not None:
@@ -615,10 +630,13 @@ def generate_tokens(
     constrained: bool = False,
     max_input_tokens: int = 1024,
     forced: list[list[int]] | None = None,
+    workers: int = 1,
 ) -> list[list[int]]:
     """Generate the answer tokens of each request (greedy by default), in batches.
 
     Requests are grouped by length, so little padding is spent, and returned in input order.
+    On a CPU, ``workers`` threads decode batches side by side (:func:`map_in_threads`); each
+    batch's answers are the same as in one thread.
     Prompts longer than ``max_input_tokens`` keep their last tokens (one warning says how many).
     The caller sets the model's mode; :func:`load_for_inference` returns it in eval mode.
 
@@ -637,13 +655,16 @@ def generate_tokens(
             :func:`grammar_accepted_starts`; answers they already finish are not decoded. Only
             their last token is checked for a stop, so an earlier one must not end the answer
             (a start of a decoded answer never does).
+        workers: Batches decoded at once, in threads, on a CPU (greedy decoding only: sampling,
+            and any other device, use one).
 
     Returns:
         The new tokens of each request's answer (EOS dropped).
 
     Raises:
         ValueError: When the tokenizer has no EOS, or ``forced`` is not one list per request, or
-            one is longer than ``max_new_tokens`` or (``constrained``) against the grammar.
+            one is longer than ``max_new_tokens`` or (``constrained``) against the grammar, or
+            ``workers`` is below 1.
 
     """
     if tokenizer.eos_token_id is None:
@@ -653,6 +674,8 @@ def generate_tokens(
         raise ValueError(f"forced has {len(forced)} entries for {len(requests)} requests")
     if any(len(ids) > max_new_tokens for ids in forced):
         raise ValueError(f"a forced start is longer than max_new_tokens={max_new_tokens}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if not requests:
         return []
     prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
@@ -665,14 +688,64 @@ def generate_tokens(
     answers = [ids[:n] if n is not None else [] for ids, n in zip(forced, done, strict=True)]
     pending = [i for i, n in enumerate(done) if n is None]
     order = sorted(pending, key=lambda i: len(prompts[i]) + len(forced[i]), reverse=True)
-    for start in tqdm(range(0, len(order), batch_size), desc="Generating", unit="batch", disable=None, leave=False):
-        chunk = order[start : start + batch_size]
-        decoded = decode_batch(
-            model, tokenizer, [prompts[i] for i in chunk], options, grammar, [forced[i] for i in chunk]
-        )
-        for index, tokens in zip(chunk, decoded, strict=True):
-            answers[index] = tokens
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def decode(chunk: list[int]) -> list[list[int]]:
+        return decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, grammar, [forced[i] for i in chunk])
+
+    # Seeded sampling draws from the one global generator, in an order threads would make random.
+    workers = workers if model.device.type == "cpu" and not do_sample else 1
+    with tqdm(total=len(chunks), desc="Generating", unit="batch", disable=None, leave=False) as bar:
+        for chunk, decoded in map_in_threads(decode, chunks, workers):
+            for index, tokens in zip(chunk, decoded, strict=True):
+                answers[index] = tokens
+            bar.update()
     return answers
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the number there was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_in_threads(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, fn(item))`` for every item, computed by ``workers`` threads, in completion order.
+
+    Each thread gets an equal share of torch's intra-op threads (at least one), so the CPU is
+    not oversubscribed. Batched decoding on a CPU gains from this: a decoding step's matmuls have
+    few rows, which MKL splits poorly over threads, and one worker's Python and small ops overlap
+    the other's matmuls (README, "Where the main job stands"). Torch ops release the GIL.
+
+    Args:
+        fn: Called once per item; it must be safe to run in several threads at once.
+        items: The work.
+        workers: Threads; 1 (or a single item) runs everything in the calling thread.
+
+    Yields:
+        ``(item, result)`` pairs; an exception in ``fn`` is raised here.
+
+    """
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    share = max(1, torch.get_num_threads() // workers)
+
+    def run(item: T) -> R:
+        torch.set_num_threads(share)  # the worker thread's own pool (OpenMP settings are per thread)
+        return fn(item)
+
+    # The calling thread's setting is restored after the pool, as MKL's is process-wide.
+    with intra_op_threads(share), ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run, item): index for index, item in enumerate(items)}
+        for future in as_completed(futures):
+            yield items[futures[future]], future.result()
 
 
 def generate(

@@ -3,7 +3,9 @@
 ``python -m qod_lightning pipeline --config configs/pipeline/embedded.yaml``. Every stage writes its
 artifact atomically and is skipped on a re-run when that artifact is complete; ``--force`` redoes
 everything. Each training stage is an ordinary LightningCLI run, also runnable alone with
-``python -m qod_lightning fit --config <stage config>``.
+``python -m qod_lightning fit --config <stage config>``. Here the stage configs' generation checks
+are off: the pipeline evaluates each trained model on the whole set anyway, and writes those
+figures and sample answers to the stage's TensorBoard run (``gen/`` and ``gen_constrained/``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class PipelineConfig:
         max_eval_samples: Evaluate on the first N eval records only (``None``: all).
         max_new_tokens: Generation budget per answer.
         eval_batch_size: Requests per generation batch.
+        eval_workers: Batches decoded at once in threads, on a CPU.
         fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``).
     """
 
@@ -53,6 +56,7 @@ class PipelineConfig:
     max_eval_samples: int | None = None
     max_new_tokens: int = 192
     eval_batch_size: int = 16
+    eval_workers: int = 1
     fit_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -65,12 +69,21 @@ class PipelineConfig:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class TensorBoardRun:
+    """Where a training stage logged, and its last step (the evaluation is logged at that step)."""
+
+    log_dir: str
+    step: int
+
+
 def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None, resume: bool) -> list[str]:
     work = Path(cfg.work_dir)
     args = [
         "fit",
         "--config",
         config,
+        "--generation_checks=false",  # the evaluation after training covers the whole set
         f"--model.init_args.model.model_name_or_path={cfg.model}",
         f"--model.init_args.output_dir={work / stage}",
         # jsonargparse applies a list item's option to the last item: the stage configs' ModelCheckpoint.
@@ -94,8 +107,8 @@ def _report_incomplete(stage: str, output: Path) -> None:
         )
 
 
-def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
-    """Run SFT then DPO; return both adapters.
+def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun]]:
+    """Run SFT then DPO; return both adapters and the TensorBoard runs of the stages trained now.
 
     A stage whose final adapter is complete is skipped; one that was interrupted resumes from its
     last checkpoint (``--force`` starts both afresh).
@@ -104,6 +117,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
     from qod_lightning.model import free_gpu_memory
 
     sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
+    runs: dict[str, TensorBoardRun] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
         if is_complete(output) and not force:
             print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
@@ -113,10 +127,53 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path]:
         resume = last.is_file() and not force
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
-        cli_main(_stage_args(cfg, config, stage, adapter, resume))
+        run = _tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)))
+        if run is not None:
+            runs[stage] = run
         free_gpu_memory()  # the finished stage's model may still be on the GPU (KeepOnDeviceStrategy)
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
-    return sft, dpo
+    return sft, dpo, runs
+
+
+def _tensorboard_run(cli: Any) -> TensorBoardRun | None:
+    """The finished stage's TensorBoard run, or ``None`` when it had no TensorBoard logger."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = [lg for lg in cli.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    return TensorBoardRun(loggers[0].log_dir, cli.trainer.global_step) if loggers else None
+
+
+def log_evaluations(runs: dict[str, TensorBoardRun], reports_dir: Path, table_rows: int = 8) -> None:
+    """Write each trained stage's evaluation to its TensorBoard run, at its last step.
+
+    The tags are those of :class:`~qod_lightning.callbacks.GenerationEvaluation` (``gen/...``,
+    ``gen/samples``), computed on the whole evaluation set, and ``gen_constrained/...`` for the
+    constrained answers.
+
+    Args:
+        runs: Stage name (``sft``, ``dpo``) -> its run (:func:`run_training`).
+        reports_dir: Where the evaluation wrote ``<stage>[+constrained].predictions.jsonl``.
+        table_rows: Sample answers in each ``samples`` table.
+
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from qod_lightning.callbacks import records_table, report_scalars
+    from qod_lightning.commands.evaluate import predictions_path, read_predictions
+    from qod_lightning.metrics import score_predictions
+
+    for stage, run in runs.items():
+        with SummaryWriter(run.log_dir) as writer:
+            for label, prefix in ((stage, "gen"), (f"{stage}+constrained", "gen_constrained")):
+                path = predictions_path(reports_dir / f"{label}.json")
+                if not path.is_file():
+                    continue
+                records = read_predictions(str(path))
+                predictions = [r["prediction"] for r in records]
+                report = score_predictions(predictions, [r["input"] for r in records], [r["expected"] for r in records])
+                for tag, value in report_scalars(report, prefix).items():
+                    writer.add_scalar(tag, value, run.step)
+                writer.add_text(f"{prefix}/samples", records_table(records[:table_rows], predictions), run.step)
 
 
 def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
@@ -132,6 +189,7 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
         "max_samples": cfg.max_eval_samples,
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.eval_batch_size,
+        "workers": cfg.eval_workers,
     }
     order: list[str] = []  # the comparison's row order
     for name, path in models.items():
@@ -178,9 +236,10 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     start = time.perf_counter()
     print(f"[pipeline] base model: {cfg.model}")
     base = resolve_model_path(cfg.model)
-    sft, dpo = run_training(cfg, force)
+    sft, dpo, runs = run_training(cfg, force)
     run_merge(cfg, dpo, force)
     reports = run_evaluations(cfg, {"base": base, "sft": str(sft), "dpo": str(dpo)}, force)
+    log_evaluations(runs, Path(cfg.work_dir) / "reports")
     out_dir = Path(cfg.work_dir) / "comparison"
     markdown = write_comparison(reports, out_dir)
     print(markdown)

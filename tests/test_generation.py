@@ -4,6 +4,7 @@ import json
 import logging
 import random
 import re
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from qod_lightning.generation import (
     grammar_accepted_starts,
     grammar_schema,
     load_for_inference,
+    map_in_threads,
     prefill,
     tokenizer_fingerprint,
 )
@@ -126,6 +128,73 @@ def test_rows_that_leave_the_batch_early_decode_as_transformers_generate_does(ti
     expected = [row[: row.index(end)] if end in row else row for row in reference(end)]
     options = DecodingOptions(max_new_tokens=20, pad_token_id=pad, eos_token_id=end)
     assert decode_batch(model, tokenizer, prompts, options) == expected
+
+
+def _forward_threads(model) -> tuple[set[int], torch.utils.hooks.RemovableHandle]:
+    """The threads the model's forwards run in, recorded by a hook (remove it after)."""
+    threads: set[int] = set()
+    handle = model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    return threads, handle
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_workers_decode_the_answers_of_one_thread(tiny, constrained):
+    """Batches decoded side by side in two threads give each row the answer one thread gives it,
+    in input order; the calling thread keeps its number of intra-op threads."""
+    model, tokenizer = tiny
+    options = {"max_new_tokens": 40, "batch_size": 2, "constrained": constrained}  # 3 batches
+    alone = generate_tokens(model, tokenizer, REQUESTS, **options)
+    threads, handle = _forward_threads(model)
+    before = torch.get_num_threads()
+    try:
+        assert generate_tokens(model, tokenizer, REQUESTS, workers=2, **options) == alone
+    finally:
+        handle.remove()
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    assert torch.get_num_threads() == before
+
+
+def test_sampling_decodes_in_the_calling_thread_whatever_the_workers(tiny):
+    """Seeded sampling stays reproducible: threads would take draws from the one generator in a
+    random order."""
+    model, tokenizer = tiny
+    threads, handle = _forward_threads(model)
+    try:
+        draws = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            draws.append(
+                generate_tokens(model, tokenizer, REQUESTS, max_new_tokens=8, batch_size=2, do_sample=True, workers=2)
+            )
+    finally:
+        handle.remove()
+    assert threads == {threading.get_ident()}
+    assert draws[0] == draws[1]
+
+
+def test_map_in_threads_shares_the_intra_op_threads_and_raises_what_a_worker_raises():
+    seen: dict[int, int] = {}
+
+    def work(item: int) -> int:
+        seen[item] = torch.get_num_threads()
+        if item == 3:
+            raise KeyError(item)
+        return item * item
+
+    before = torch.get_num_threads()
+    results = dict(map_in_threads(work, [0, 1, 2], workers=2))
+    assert results == {0: 0, 1: 1, 2: 4}
+    assert set(seen.values()) == {max(1, before // 2)}
+    with pytest.raises(KeyError):
+        dict(map_in_threads(work, [0, 3, 1], workers=2))
+    assert torch.get_num_threads() == before
+    assert list(map_in_threads(work, [2], workers=1)) == [(2, 4)]
+
+
+def test_workers_must_be_positive(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=2, workers=0)
 
 
 def _count_forwards(model) -> list[int]:

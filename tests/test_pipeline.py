@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -10,6 +11,11 @@ from qod_lightning.artifacts import is_complete
 from qod_lightning.embedded import is_available
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fitted(args: list[str]) -> SimpleNamespace:
+    """Stands in for ``cli_main``'s return: a finished run with no TensorBoard logger."""
+    return SimpleNamespace(trainer=SimpleNamespace(loggers=[], global_step=0))
 
 
 def smoke_config(
@@ -54,6 +60,19 @@ def event_tags(log_dir: Path) -> set[str]:
     return tags
 
 
+def event_scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar tag under ``log_dir`` and its values, over all runs and event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(event.value for event in acc.Scalars(tag))
+    return scalars
+
+
 def check_artifacts(tmp_path: Path, constrained: bool) -> None:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
@@ -80,6 +99,14 @@ def check_artifacts(tmp_path: Path, constrained: bool) -> None:
     tags = event_tags(tmp_path / "logs")
     for tag in ("train/loss", "train/rewards/margins_step", "train/rewards/accuracies_step", "train/logps/chosen_step"):
         assert tag in tags, (tag, sorted(tags))
+    # The evaluation on the whole set, logged to each stage's run; not the stage configs' own
+    # 8-sample check (only that one logs gen/constrained).
+    scalars = event_scalars(tmp_path / "logs")
+    records = len((work / "reports" / "sft.predictions.jsonl").read_text().splitlines())
+    assert scalars["gen/n"] == [records, records]  # one per stage
+    assert ("gen_constrained/spec_compliance" in scalars) is constrained
+    assert "gen/constrained" not in scalars
+    assert {"gen/samples/text_summary"} <= tags, sorted(tags)
 
 
 def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, capsys):
@@ -115,7 +142,7 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     from qod_lightning.pipeline import PipelineConfig, run_training
 
     calls = []
-    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args))
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args) or fitted(args))
     cfg = PipelineConfig(model="m", sft_config="s.yaml", dpo_config="d.yaml", work_dir=str(tmp_path))
     (tmp_path / "sft" / "checkpoints").mkdir(parents=True)
     (tmp_path / "sft" / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -138,7 +165,9 @@ def test_each_training_stage_frees_its_model_before_the_next(tiny_model_dir, sma
 
     def fit_and_drop(args):
         assert all(module() is None for module in modules), "the last stage's module is still alive"
-        modules.append(weakref.ref(real_cli_main(args).model))
+        cli = real_cli_main(args)
+        modules.append(weakref.ref(cli.model))
+        return cli
 
     monkeypatch.setattr(qod_lightning.cli, "cli_main", fit_and_drop)
     config = smoke_config(tmp_path, str(tiny_model_dir), small_data, eval_records=1, max_new_tokens=8)
@@ -150,7 +179,7 @@ def test_pipeline_reports_an_incomplete_stage_output(tmp_path, monkeypatch, caps
     import qod_lightning.cli
     from qod_lightning.pipeline import PipelineConfig, run_training
 
-    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: None)
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", fitted)
     (tmp_path / "sft" / "final").mkdir(parents=True)  # no .complete marker
     run_training(PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path)), force=False)
     assert "sft/final is incomplete" in capsys.readouterr().out

@@ -88,6 +88,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the decoding options that ``translate``, ``evaluate`` and ``compare`` share."""
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens per answer (default 512)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="requests per batch (default 8)")
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="batches decoded at once in threads, on a CPU (default 1)"
+    )
     parser.add_argument("--prompt-format", choices=("alpaca", "chat"), default="alpaca", help="as in training")
     parser.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base weights in 4-bit NF4")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -102,6 +105,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_format": args.prompt_format,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
+        "workers": args.workers,
         "do_sample": args.do_sample,
         "temperature": args.temperature,
         "max_input_tokens": args.max_input_tokens,

@@ -128,6 +128,7 @@ def evaluate_model(
     max_samples: int | None = None,
     max_new_tokens: int = 512,
     batch_size: int = 8,
+    workers: int = 1,
     prompt_format: PromptFormat = "alpaca",
     do_sample: bool = False,
     temperature: float = 0.3,
@@ -148,6 +149,8 @@ def evaluate_model(
         max_samples: Evaluate only the first N records.
         max_new_tokens: Tokens generated per answer.
         batch_size: Requests per generation batch.
+        workers: Batches decoded at once in threads, on a CPU
+            (:func:`~qod_lightning.generation.generate_tokens`).
         prompt_format: ``alpaca`` or ``chat``, as in training.
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature.
@@ -166,7 +169,9 @@ def evaluate_model(
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
-    options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
+    options = _generation_options(
+        prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
+    )
     predictions = generate(loaded, tokenizer, [r["input"] for r in records], constrained=constrained, **options)
     del loaded
     free_gpu_memory()
@@ -182,6 +187,7 @@ def evaluate_model_both(
     max_samples: int | None = None,
     max_new_tokens: int = 512,
     batch_size: int = 8,
+    workers: int = 1,
     prompt_format: PromptFormat = "alpaca",
     do_sample: bool = False,
     temperature: float = 0.3,
@@ -205,6 +211,8 @@ def evaluate_model_both(
         max_samples: Evaluate only the first N records.
         max_new_tokens: Tokens generated per answer.
         batch_size: Requests per generation batch.
+        workers: Batches decoded at once in threads, on a CPU
+            (:func:`~qod_lightning.generation.generate_tokens`).
         prompt_format: ``alpaca`` or ``chat``, as in training.
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature.
@@ -227,7 +235,9 @@ def evaluate_model_both(
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
     requests = [r["input"] for r in records]
-    options = _generation_options(prompt_format, max_new_tokens, batch_size, do_sample, temperature, max_input_tokens)
+    options = _generation_options(
+        prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
+    )
     free = generate_tokens(loaded, tokenizer, requests, **options)
     free_report = _write_report(
         records, decode_answers(tokenizer, free), output, start, _details(model, data, False, options)
@@ -260,6 +270,7 @@ def _generation_options(
     prompt_format: PromptFormat,
     max_new_tokens: int,
     batch_size: int,
+    workers: int,
     do_sample: bool,
     temperature: float,
     max_input_tokens: int,
@@ -269,6 +280,7 @@ def _generation_options(
         "prompt_format": prompt_format,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
+        "workers": workers,
         "do_sample": do_sample,
         "temperature": temperature,
         "max_input_tokens": max_input_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -135,6 +137,9 @@ class TokenizedDataModule(L.LightningDataModule):
             remove_columns=[c for c in dataset.column_names if c != "_line"],
             desc=f"Tokenizing {path}",
             load_from_cache_file=False,
+            # Without a fingerprint of ours, datasets hashes the function, and so this module and
+            # all it references: once fitting, the trainer and the model's weights (tens of seconds).
+            new_fingerprint=self._fingerprint(records, path),
         )
         examples, skipped, truncated = [], [], 0
         for row in dataset:
@@ -156,6 +161,11 @@ class TokenizedDataModule(L.LightningDataModule):
         if not examples:
             raise ValueError(f"{path}: no example fits max_length={self.hparams.max_length}")
         return examples
+
+    def _fingerprint(self, records: list[dict[str, Any]], path: str) -> str:
+        """A digest of what the tokenized examples depend on: records, file, settings, this class."""
+        what = [type(self).__qualname__, path, records, dict(self.hparams)]
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def _encode_or_skip(self, record: dict[str, Any]) -> dict[str, Any]:
         encoded = self.encode(record)
