@@ -128,14 +128,14 @@ def report_scalars(report: dict[str, Any], prefix: str) -> dict[str, float]:
         prefix: Tag prefix, e.g. ``gen``.
 
     Returns:
-        ``{tag: value}`` for every numeric entry (text entries of a report file are left out).
+        ``{tag: value}`` for every entry.
 
     """
     figures: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):
             figures.update({f"{prefix}/{key}/{field}": float(v) for field, v in value.items()})
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        else:
             figures[f"{prefix}/{key}"] = float(value)
     return figures
 
