@@ -46,6 +46,8 @@ class QoDCLI(LightningCLI):
         if not self.config[self.subcommand].generation_checks:
             self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, GenerationEvaluation)]
 
+    before_validate = before_test = before_fit  # the checks also run at the end of those loops
+
     def before_instantiate_classes(self) -> None:
         """Refuse a single-device strategy given several devices (see :func:`check_one_device`)."""
         from qod_lightning.strategy import check_one_device

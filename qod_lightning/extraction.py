@@ -1,13 +1,12 @@
-"""Find the request JSON in free model text: the first balanced object that parses, never ``eval``."""
+"""Find the request JSON in free model text: the first top-level object that parses, never ``eval``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-_DECODER = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))
 MAX_ATTEMPTS = 256
-"""Start positions tried before giving up, so hostile text (``{`` repeated 100k times) stays cheap."""
+"""Candidate objects tried before giving up, so hostile text (``{x}`` repeated 100k times) stays cheap."""
 
 
 def _reject_constant(name: str) -> Any:
@@ -15,11 +14,50 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of two equal keys, other parsers the first or neither: an object
+    # whose meaning depends on the server's parser is not a valid answer (nor a valid record).
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise ValueError("duplicate key in object")
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
+def _span_end(text: str, start: int) -> int | None:
+    """End of the brace-balanced span that opens at ``text[start]``, or ``None`` if it never closes.
+
+    Braces inside JSON strings do not count, so ``{"a": "}"}`` is one span.
+    """
+    depth, in_string, escaped = 0, False, False
+    for index in range(start, len(text)):
+        char = text[index]
+        if in_string:
+            escaped = char == "\\" and not escaped
+            in_string = escaped or char != '"'
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
 def find_json_object(text: str) -> tuple[dict[str, Any], int, int] | None:
-    """Locate the first JSON object in ``text`` that parses.
+    """Locate the first top-level JSON object in ``text`` that parses.
 
     Tolerates code fences, prose before and after, and broken candidate objects before the good
-    one. Never raises on any input string.
+    one. NaN, Infinity and an object that repeats a key anywhere do not parse. A candidate that
+    fails to parse is skipped whole, to the brace that closes it, so an object nested inside it
+    is never taken for the answer: a truncated answer
+    (``{"device":{"ipv4Address":{...}},"qosProf``) holds no object, not its first inner one.
+    A ``{`` that never closes ends the search for the same reason. Never raises on any input
+    string.
 
     Args:
         text: Raw model output or any other text.
@@ -37,11 +75,12 @@ def find_json_object(text: str) -> tuple[dict[str, Any], int, int] | None:
         try:
             obj, end = _DECODER.raw_decode(text, start)
         except (ValueError, RecursionError):
-            start = text.find("{", start + 1)
+            span_end = _span_end(text, start)
+            if span_end is None:
+                return None
+            start = text.find("{", span_end)
             continue
-        if isinstance(obj, dict):
-            return obj, start, end
-        start = text.find("{", start + 1)
+        return obj, start, end  # text[start] is "{", so what parsed is an object
     return None
 
 

@@ -25,7 +25,7 @@ from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qod_lightning.data.tokenize import PromptFormat, encode_prompt
+from qod_lightning.data.tokenize import PromptFormat, encode_prompt, keep_last
 from qod_lightning.extraction import find_json_object
 from qod_lightning.kv_cache import ReservedCache
 from qod_lightning.model import ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
@@ -319,28 +319,12 @@ def grammar_prefix_length(grammar: Any, tokens: list[int]) -> int:
     return _accept_tokens(xgr.GrammarMatcher(grammar), tokens)
 
 
-def _open_braces(text: str) -> int:
-    """Depth of ``{`` nesting still open at the end of ``text``, ignoring braces inside strings."""
-    depth, in_string, escaped = 0, False, False
-    for char in text[text.find("{") :] if "{" in text else "":
-        if in_string:
-            escaped = char == "\\" and not escaped
-            in_string = escaped or char != '"'
-        elif char == '"':
-            in_string = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth = max(0, depth - 1)
-    return depth
-
-
 def finished_length(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_token_id: int) -> int | None:
     """How many of a row's new tokens to keep if the row is done, else ``None``.
 
     A row is done at EOS (which is dropped) or once its text holds a complete top-level JSON
-    object. An object nested inside one still open (``{"a":{"b":1}``) parses on its own but does
-    not count.
+    object (:func:`~qod_lightning.extraction.find_json_object`). An object nested inside one still
+    open (``{"a":{"b":1}``) parses on its own but does not count.
 
     Args:
         tokenizer: Decodes the tokens.
@@ -356,8 +340,7 @@ def finished_length(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_t
     if "}" not in tokenizer.decode(tokens[-1:]):
         return None
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    found = find_json_object(text)
-    return len(tokens) if found is not None and _open_braces(text[: found[1]]) == 0 else None
+    return len(tokens) if find_json_object(text) is not None else None
 
 
 @dataclass(frozen=True)
@@ -378,6 +361,12 @@ class DecodingOptions:
     eos_token_id: int
     do_sample: bool = False
     temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Scores divided by a zero or negative temperature are NaN or reversed; sampling from them
+        # fails deep inside torch.multinomial, or silently prefers the least likely tokens.
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
 
 
 def _kept_length(tokenizer: PreTrainedTokenizerBase, tokens: list[int], options: DecodingOptions) -> int | None:
@@ -590,7 +579,7 @@ def load_for_inference(
 def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase, requests: list[str], prompt_format: PromptFormat, max_input_tokens: int
 ) -> list[list[int]]:
-    """Encode each request exactly as training did, keeping the last ``max_input_tokens`` ids."""
+    """Encode each request exactly as training did, keeping the last ``max_input_tokens`` ids (and BOS)."""
     encoded = [encode_prompt(tokenizer, r, prompt_format=prompt_format) for r in requests]
     too_long = sum(len(ids) > max_input_tokens for ids in encoded)
     if too_long:
@@ -600,7 +589,7 @@ def _prompt_ids(
             max_input_tokens,
             max_input_tokens,
         )
-    return [ids[-max_input_tokens:] for ids in encoded]
+    return [keep_last(ids, max_input_tokens, tokenizer.bos_token_id) for ids in encoded]
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -646,7 +635,8 @@ def generate_tokens(
         requests: The users' request texts.
         prompt_format: ``alpaca`` or ``chat``, as in training.
         max_new_tokens: Most tokens generated per request.
-        batch_size: Requests per decoded batch.
+        batch_size: Most requests per decoded batch (fewer when there are too few requests to
+            give every worker a batch of this size).
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
         constrained: Mask the logits with the request grammar (needs ``xgrammar``).
@@ -688,13 +678,15 @@ def generate_tokens(
     answers = [ids[:n] if n is not None else [] for ids, n in zip(forced, done, strict=True)]
     pending = [i for i, n in enumerate(done) if n is None]
     order = sorted(pending, key=lambda i: len(prompts[i]) + len(forced[i]), reverse=True)
-    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    # Seeded sampling draws from the one global generator, in an order threads would make random.
+    workers = workers if model.device.type == "cpu" and not do_sample else 1
+    # Fewer requests than workers x batch_size: smaller batches, so no worker waits for one.
+    size = max(1, min(batch_size, -(-len(order) // workers)))
+    chunks = [order[start : start + size] for start in range(0, len(order), size)]
 
     def decode(chunk: list[int]) -> list[list[int]]:
         return decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, grammar, [forced[i] for i in chunk])
 
-    # Seeded sampling draws from the one global generator, in an order threads would make random.
-    workers = workers if model.device.type == "cpu" and not do_sample else 1
     with tqdm(total=len(chunks), desc="Generating", unit="batch", disable=None, leave=False) as bar:
         for chunk, decoded in map_in_threads(decode, chunks, workers):
             for index, tokens in zip(chunk, decoded, strict=True):

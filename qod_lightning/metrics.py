@@ -16,7 +16,7 @@ Definitions (the same in every report):
   whose expected request has that field.
 * ``exact_match``: outputs whose object equals the expected object / all outputs.
 
-Values compare as JSON: deep, dict key order ignored, ``true`` never equal to ``1``.
+Values compare as JSON: deep, dict key order ignored, ``true`` never equal to ``1``, nor ``1.0`` to ``1``.
 
 :class:`QoDMetrics` keeps every count in one metric, so a validation loop checks each output once
 rather than once per metric; :func:`score_predictions` is its plain-Python one-shot form.
@@ -87,13 +87,13 @@ class PredictionVerdict:
 
 
 def _json_equal(a: Any, b: Any) -> bool:
-    """Deep JSON equality: key order ignored, and unlike Python's ``==``, ``true != 1``."""
+    """Deep JSON equality: key order ignored, and unlike Python's ``==``, ``true != 1 != 1.0``."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
+    if isinstance(a, (bool, int, float)) or isinstance(b, (bool, int, float)):
+        return type(a) is type(b) and a == b  # 7200.0 is not the integer the contract asks for
     return a == b
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,13 +252,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     for param in model.parameters():
         n = param.numel()
         if type(param).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored uint8
+            n *= 2 * param.element_size()  # 4-bit values packed into uint8 (2 each) or, for FSDP, bf16 (4 each)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
 
 
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+PROMPT_FILE = "qod_prompt.json"
+"""Written beside a trained adapter (and copied into a merged model): the prompt format it learned."""
+
+
+def save_adapter(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, prompt_format: str | None = None
+) -> Path:
     """Write the adapter (``adapter_config.json`` + safetensors) and the tokenizer, atomically.
 
     Files go to a sibling temporary directory first, which is renamed into place, so a crash
@@ -267,6 +274,8 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory
         model: The PEFT model.
         tokenizer: Saved beside the adapter so the directory is self-contained.
         directory: Target directory (replaced if it exists).
+        prompt_format: The prompt format the adapter was trained on, saved in :data:`PROMPT_FILE`
+            so inference uses it by default (:func:`resolve_prompt_format`).
 
     Returns:
         The directory.
@@ -279,7 +288,49 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory
         # config by name (which fails for ``embedded:`` names and hub ids offline).
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
+        if prompt_format is not None:
+            (Path(tmp) / PROMPT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n", encoding="utf-8")
     return Path(directory)
+
+
+def saved_prompt_format(model: str | Path) -> str | None:
+    """The prompt format saved with a trained adapter or merged model, or ``None`` when there is none.
+
+    Raises:
+        ValueError: When the file exists but does not name a format.
+    """
+    path = Path(model) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("prompt_format")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a JSON object with a prompt_format: {err}") from err
+    if value not in ("alpaca", "chat"):
+        raise ValueError(f"{path}: unknown prompt_format {value!r} (alpaca or chat)")
+    return value
+
+
+def resolve_prompt_format(model: str | Path, requested: str | None) -> str:
+    """The prompt format to generate with: the one asked for, else the model's own, else ``alpaca``.
+
+    A model answers well only in the format it was trained on, so asking for another one is
+    allowed but warned about.
+
+    Args:
+        model: Adapter or model directory (or a name with no directory: nothing saved).
+        requested: The format asked for, or ``None`` for the model's own.
+
+    Returns:
+        ``alpaca`` or ``chat``.
+
+    """
+    saved = saved_prompt_format(model)
+    if requested is None:
+        return saved or "alpaca"
+    if saved is not None and requested != saved:
+        log.warning("%s was trained on %s prompts; generating with %s prompts as asked", model, saved, requested)
+    return requested
 
 
 def free_gpu_memory() -> None:

@@ -11,6 +11,7 @@ figures and sample answers to the stage's TensorBoard run (``gen/`` and ``gen_co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from qod_lightning.artifacts import COMPLETE_MARKER, is_complete
+from qod_lightning.commands.common import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class PipelineConfig:
         max_new_tokens: Generation budget per answer.
         eval_batch_size: Requests per generation batch.
         eval_workers: Batches decoded at once in threads, on a CPU.
+        on_policy_pairs: Train DPO on pairs whose rejected answers are the SFT model's own wrong
+            answers to their prompts (:mod:`~qod_lightning.data.on_policy`), written to
+            ``work_dir/dpo/pairs.jsonl``; ``False``: the preference file as it is.
         fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``).
     """
 
@@ -57,7 +62,21 @@ class PipelineConfig:
     max_new_tokens: int = 192
     eval_batch_size: int = 16
     eval_workers: int = 1
+    on_policy_pairs: bool = False
     fit_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        counts = {
+            "max_eval_samples": self.max_eval_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "eval_batch_size": self.eval_batch_size,
+            "eval_workers": self.eval_workers,
+        }
+        for name, value in counts.items():
+            if value is None and name == "max_eval_samples":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
@@ -77,6 +96,50 @@ class TensorBoardRun:
     step: int
 
 
+def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) -> Path:
+    """Write DPO pairs whose rejected answers are the SFT adapter's own mistakes.
+
+    The SFT adapter answers every prompt of the preference file (``dpo_train_file``, else the DPO
+    config's ``data.init_args.train_file``) greedily, with the evaluation's settings; a wrong
+    answer becomes the pair's rejected one (:func:`~qod_lightning.data.on_policy.on_policy_pairs`).
+
+    Returns:
+        ``output``, written atomically.
+    """
+    from qod_lightning.artifacts import atomic_write_text
+    from qod_lightning.data.jsonl import read_jsonl
+    from qod_lightning.data.on_policy import on_policy_pairs
+    from qod_lightning.data.preference import PREFERENCE_RECORD
+    from qod_lightning.generation import generate, load_for_inference
+    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
+
+    source = (
+        cfg.dpo_train_file
+        or yaml.safe_load(Path(cfg.dpo_config).read_text(encoding="utf-8"))["data"]["init_args"]["train_file"]
+    )
+    records = read_jsonl(source, PREFERENCE_RECORD)
+    start = time.perf_counter()
+    model, tokenizer = load_for_inference(str(sft_adapter))
+    answers = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        prompt_format=resolve_prompt_format(sft_adapter, None),
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+        workers=cfg.eval_workers,
+    )
+    del model
+    free_gpu_memory()
+    pairs, replaced = on_policy_pairs(records, answers)
+    atomic_write_text(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+    print(
+        f"[pipeline] dpo pairs: the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} "
+        f"pairs of {source} (the others keep the file's); {output} in {time.perf_counter() - start:.0f} s"
+    )
+    return output
+
+
 def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None, resume: bool) -> list[str]:
     work = Path(cfg.work_dir)
     args = [
@@ -94,6 +157,8 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
     if adapter is not None:
         args.append(f"--model.init_args.model.adapter_path={adapter}")
     train_file = cfg.sft_train_file if stage == "sft" else cfg.dpo_train_file
+    if stage == "dpo" and cfg.on_policy_pairs:
+        train_file = str(work / "dpo" / "pairs.jsonl")
     if train_file:
         args.append(f"--data.init_args.train_file={train_file}")
     return [*args, *cfg.fit_args]
@@ -107,32 +172,37 @@ def _report_incomplete(stage: str, output: Path) -> None:
         )
 
 
-def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun]]:
-    """Run SFT then DPO; return both adapters and the TensorBoard runs of the stages trained now.
+def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun | None]]:
+    """Run SFT then DPO; return both adapters and the stages trained now, with their TensorBoard runs.
 
     A stage whose final adapter is complete is skipped; one that was interrupted resumes from its
-    last checkpoint (``--force`` starts both afresh).
+    last checkpoint (``--force`` starts both afresh). DPO is redone whenever SFT was trained now:
+    a DPO adapter made from an earlier SFT adapter is stale.
     """
     from qod_lightning.cli import cli_main
     from qod_lightning.model import free_gpu_memory
 
     sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
-    runs: dict[str, TensorBoardRun] = {}
+    trained: dict[str, TensorBoardRun | None] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
-        if is_complete(output) and not force:
+        redo = force or bool(trained)  # every stage after a retrained one starts afresh
+        if is_complete(output) and not redo:
             print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
             continue
+        if is_complete(output):
+            print(f"[pipeline] {stage}: {output} was made from the SFT adapter trained before this one, redoing it")
         _report_incomplete(stage, output)
         last = Path(cfg.work_dir) / stage / "checkpoints" / "last.ckpt"
-        resume = last.is_file() and not force
+        resume = last.is_file() and not redo
+        pairs = Path(cfg.work_dir) / "dpo" / "pairs.jsonl"
+        if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
+            build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
-        run = _tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)))
-        if run is not None:
-            runs[stage] = run
+        trained[stage] = _tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)))
         free_gpu_memory()  # the finished stage's model may still be on the GPU (KeepOnDeviceStrategy)
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
-    return sft, dpo, runs
+    return sft, dpo, trained
 
 
 def _tensorboard_run(cli: Any) -> TensorBoardRun | None:
@@ -143,7 +213,7 @@ def _tensorboard_run(cli: Any) -> TensorBoardRun | None:
     return TensorBoardRun(loggers[0].log_dir, cli.trainer.global_step) if loggers else None
 
 
-def log_evaluations(runs: dict[str, TensorBoardRun], reports_dir: Path, table_rows: int = 8) -> None:
+def log_evaluations(runs: dict[str, TensorBoardRun | None], reports_dir: Path, table_rows: int = 8) -> None:
     """Write each trained stage's evaluation to its TensorBoard run, at its last step.
 
     The tags are those of :class:`~qod_lightning.callbacks.GenerationEvaluation` (``gen/...``,
@@ -151,7 +221,8 @@ def log_evaluations(runs: dict[str, TensorBoardRun], reports_dir: Path, table_ro
     constrained answers.
 
     Args:
-        runs: Stage name (``sft``, ``dpo``) -> its run (:func:`run_training`).
+        runs: Stage name (``sft``, ``dpo``) -> its run (:func:`run_training`); ``None`` (a stage
+            with no TensorBoard logger) is skipped.
         reports_dir: Where the evaluation wrote ``<stage>[+constrained].predictions.jsonl``.
         table_rows: Sample answers in each ``samples`` table.
 
@@ -163,6 +234,8 @@ def log_evaluations(runs: dict[str, TensorBoardRun], reports_dir: Path, table_ro
     from qod_lightning.metrics import score_predictions
 
     for stage, run in runs.items():
+        if run is None:
+            continue
         with SummaryWriter(run.log_dir) as writer:
             for label, prefix in ((stage, "gen"), (f"{stage}+constrained", "gen_constrained")):
                 path = predictions_path(reports_dir / f"{label}.json")
@@ -176,12 +249,46 @@ def log_evaluations(runs: dict[str, TensorBoardRun], reports_dir: Path, table_ro
                 writer.add_text(f"{prefix}/samples", records_table(records[:table_rows], predictions), run.step)
 
 
-def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
-    """Evaluate every model (and constrained, if configured); reuse reports that exist.
+def _inputs_stamp(model: str, cfg: PipelineConfig, constrained: bool) -> str:
+    """A digest of what an evaluation report depends on: the model's files, the data, the settings.
 
-    A model evaluated both ways is loaded once, and its constrained answers start from the
-    unconstrained ones (:func:`~qod_lightning.commands.evaluate.evaluate_model_both`).
+    Model files count by path, size and modification time (a retrained adapter is a new file);
+    hashing a base model's weights would cost seconds on every run.
     """
+    root = Path(model)
+    files = (
+        sorted(
+            (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()
+        )
+        if root.is_dir()
+        else []
+    )
+    what = {
+        "model": model,
+        "files": files,
+        "data": hashlib.sha256(Path(cfg.eval_file).read_bytes()).hexdigest(),
+        "constrained": constrained,
+        "max_eval_samples": cfg.max_eval_samples,
+        "max_new_tokens": cfg.max_new_tokens,
+        "eval_batch_size": cfg.eval_batch_size,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp_path(report: Path) -> Path:
+    return report.with_suffix(".inputs")
+
+
+def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
+    """Evaluate every model (and constrained, if configured); reuse reports made from the same inputs.
+
+    A report is reused only when its stamp (``<report>.inputs``, :func:`_inputs_stamp`) says it was
+    made from the same model files, evaluation data and settings, so a retrained adapter or an
+    edited setting is evaluated again. A model evaluated both ways is loaded once, and its
+    constrained answers start from the unconstrained ones
+    (:func:`~qod_lightning.commands.evaluate.evaluate_model_both`).
+    """
+    from qod_lightning.artifacts import atomic_write_text
     from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
 
     reports: dict[str, dict[str, Any]] = {}
@@ -198,10 +305,21 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
         outputs = {
             constrained: Path(cfg.work_dir) / "reports" / f"{label}.json" for constrained, label in labels.items()
         }
-        todo = [constrained for constrained, out in outputs.items() if force or not out.is_file()]
-        for constrained in [c for c in outputs if c not in todo]:
-            print(f"[pipeline] evaluate {labels[constrained]}: {outputs[constrained]} exists, skipping")
-            reports[labels[constrained]] = json.loads(outputs[constrained].read_text(encoding="utf-8"))
+        stamps = {constrained: _inputs_stamp(path, cfg, constrained) for constrained in labels}
+        todo = []
+        for constrained, out in outputs.items():
+            stamp = _stamp_path(out)
+            if force or not out.is_file():
+                todo.append(constrained)
+            elif not stamp.is_file() or stamp.read_text(encoding="utf-8") != stamps[constrained]:
+                print(
+                    f"[pipeline] evaluate {labels[constrained]}: {out} was made from other model files, "
+                    "data or settings, redoing it"
+                )
+                todo.append(constrained)
+            else:
+                print(f"[pipeline] evaluate {labels[constrained]}: {out} exists, skipping")
+                reports[labels[constrained]] = json.loads(out.read_text(encoding="utf-8"))
         if not todo:
             continue
         print(f"[pipeline] evaluate {' and '.join(labels[c] for c in todo)} on {cfg.eval_file}")
@@ -212,6 +330,8 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
             reports[labels[todo[0]]] = evaluate_model(
                 path, cfg.eval_file, outputs[todo[0]], constrained=todo[0], **options
             )
+        for constrained in todo:  # after the report: a run stopped in between redoes it
+            atomic_write_text(_stamp_path(outputs[constrained]), stamps[constrained])
     return {label: reports[label] for label in order}
 
 
@@ -236,10 +356,10 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     start = time.perf_counter()
     print(f"[pipeline] base model: {cfg.model}")
     base = resolve_model_path(cfg.model)
-    sft, dpo, runs = run_training(cfg, force)
-    run_merge(cfg, dpo, force)
+    sft, dpo, trained = run_training(cfg, force)
+    run_merge(cfg, dpo, force or "dpo" in trained)  # a merge of an earlier DPO adapter is stale
     reports = run_evaluations(cfg, {"base": base, "sft": str(sft), "dpo": str(dpo)}, force)
-    log_evaluations(runs, Path(cfg.work_dir) / "reports")
+    log_evaluations(trained, Path(cfg.work_dir) / "reports")
     out_dir = Path(cfg.work_dir) / "comparison"
     markdown = write_comparison(reports, out_dir)
     print(markdown)
@@ -254,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo stages whose artifacts exist")
     parser.add_argument("--work-dir", help="override the config's work_dir")
     parser.add_argument("--model", help="override the config's base model")
-    parser.add_argument("--max-eval-samples", type=int, help="evaluate on the first N records only")
+    parser.add_argument("--max-eval-samples", type=positive_int, help="evaluate on the first N records only")
     parser.add_argument("--no-constrained", action="store_true", help="skip constrained evaluation")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra LightningCLI argument (repeatable)")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, validators
 
 QOS_PROFILES: tuple[str, ...] = ("QOS_E", "QOS_S", "QOS_M", "QOS_L")
 """Predefined profile names: E lowest latency, S/M/L small/medium/large throughput."""
@@ -194,8 +194,14 @@ def _uri(value: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc) and not re.search(r"\s", value)
 
 
-VALIDATOR = Draft202012Validator(REQUEST_SCHEMA, format_checker=FORMAT_CHECKER)
-"""The one compiled validator every caller shares."""
+# JSON Schema counts any number with a zero fraction as an integer, so 7200.0 would pass as a
+# duration and 443.0 as a port. The contract asks for integer literals, as the canonical answers
+# write them; Python's json reads "7200.0" as a float, which this checker refuses (bool as before).
+_INTEGER_LITERALS = Draft202012Validator.TYPE_CHECKER.redefine("integer", lambda _checker, value: type(value) is int)
+_RequestValidator = validators.extend(Draft202012Validator, type_checker=_INTEGER_LITERALS)
+
+VALIDATOR = _RequestValidator(REQUEST_SCHEMA, format_checker=FORMAT_CHECKER)
+"""The one compiled validator every caller shares: Draft 2020-12, integers written as integers."""
 
 
 def defined_keys() -> dict[tuple[str, ...], frozenset[str]]:

@@ -35,6 +35,8 @@ _IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?!\.?\d)"
 _IPV6_RE = re.compile(r"(?<![0-9A-Za-z:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:/\d{1,3})?")
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{3,}\d")
 _URL_RE = re.compile(r"https?://[^\s\"'<>]+")
+_NAI_RE = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_SENTENCE_PUNCTUATION = ".,;:!?)]}"
 _NUMBER_RE = re.compile(r"(?<![\d.])\d+(?!\.?\d)")
 
 
@@ -205,12 +207,29 @@ def _leaves(node: Any, key: str | None = None):
         yield key, node
 
 
-def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
-    """List addresses, phone numbers, ports and URLs in ``obj`` that ``request`` never mentions.
+def _phone_digit_runs(text: str) -> set[str]:
+    """The digits of every run of whole digit groups in each phone-like span of ``text``.
 
-    IP addresses compare as addresses (``2001:db8::1`` equals ``2001:0db8:0::1``), phone numbers
-    by their digits within a phone-like span (spaces, dashes and a leading ``+`` ignored), ports
-    as whole numbers in the request that are not part of an address, URLs as substrings.
+    A span can run on into a following number ("+44 7700 900123 (2 hours)" gives 447700900123
+    and 4477009001232) or start with a prefix the answer drops, so runs of whole groups are
+    kept; a number cut inside a group (4477009001) is not among them.
+    """
+    runs: set[str] = set()
+    for span in _PHONE_RE.findall(text):
+        groups = re.findall(r"\d+", span)
+        runs.update("".join(groups[i:j]) for i in range(len(groups)) for j in range(i + 1, len(groups) + 1))
+    return runs
+
+
+def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
+    """List addresses, phone numbers, ports, URLs and identifiers in ``obj`` that ``request`` never mentions.
+
+    Every value must appear whole, not as a part of one. IP addresses compare as addresses
+    (``2001:db8::1`` equals ``2001:0db8:0::1``), phone numbers by their digits, as whole digit
+    groups of a phone-like span (spaces, dashes, brackets and a leading ``+`` ignored), ports as
+    whole numbers in the request that are not part of an address, URLs as whole URLs of the
+    request (a trailing ``/`` or sentence punctuation ignored), network access identifiers as
+    whole ``user@domain`` tokens.
 
     Args:
         obj: A parsed answer.
@@ -227,13 +246,14 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
     # instead of leaving " :5000:" to be read (and removed) as an IPv6 address.
     without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub("x", request))
     numbers = {int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6}
-    phones = {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(without_ips)}
-    phones |= {re.sub(r"\D", "", p) for p in _PHONE_RE.findall(request)}
+    phones = _phone_digit_runs(without_ips) | _phone_digit_runs(request)
+    urls = {url.rstrip(_SENTENCE_PUNCTUATION).rstrip("/") for url in _URL_RE.findall(request)}
+    identifiers = set(_NAI_RE.findall(request))
     invented: list[str] = []
     for key, value in _leaves(obj):
         if isinstance(value, bool):
             continue
-        if key in _PORT_KEYS and isinstance(value, int):
+        if key in _PORT_KEYS and isinstance(value, (int, float)):  # 443.0 is port 443 to a reader
             if value not in numbers:
                 invented.append(f"port {value} ({key})")
         elif isinstance(value, str):
@@ -241,14 +261,12 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
             if occurs is False:
                 invented.append(f"address {value} ({key})")
             elif occurs is None and key == "phoneNumber":
-                digits = re.sub(r"\D", "", value)
-                # A match can run on into a following number ("+44 7700 900123 (2 hours)").
-                if not (digits and any(digits in phone for phone in phones)):
+                if re.sub(r"\D", "", value) not in phones:
                     invented.append(f"phone number {value}")
             elif occurs is None and (key == "notificationUrl" or value.startswith(("http://", "https://"))):
-                if value.rstrip("/") not in request:
+                if value.rstrip("/") not in urls:
                     invented.append(f"URL {value} ({key})")
-            elif occurs is None and key == "networkAccessIdentifier" and value not in request:
+            elif occurs is None and key == "networkAccessIdentifier" and value not in identifiers:
                 invented.append(f"network access identifier {value}")
     return invented
 

@@ -89,6 +89,15 @@ def test_sft_then_dpo_through_the_cli(four_bit, tiny_model_dir, small_data, tmp_
     assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
 
 
+def test_dpo_test_command_scores_the_test_pairs(tiny_model_dir, small_data, tmp_path):
+    sft, dpo = TRAINING_CONFIGS[1], TRAINING_CONFIGS[0]
+    cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, sft, False)])
+    test_file = ["--data.init_args.test_file", str(small_data["preferences"]), "--generation_checks", "false"]
+    cli = cli_main(["test", *tiny_overrides(tiny_model_dir, tmp_path, small_data, dpo, False), *test_file])
+    # No checkpoint: the policy is the SFT adapter, its own reference (loss log 2).
+    assert float(cli.trainer.callback_metrics["test/loss"]) == pytest.approx(0.6931472, abs=1e-6)
+
+
 def test_print_config(capsys, tiny_model_dir, small_data, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(

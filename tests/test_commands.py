@@ -85,6 +85,15 @@ def test_translate_rejects_an_empty_request(capsys, adapter_dir, request_text):
     assert err.startswith("error: the request is empty") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("temperature", ["0", "-1", "inf", "nan"])
+def test_a_temperature_that_is_not_positive_is_a_usage_error(capsys, adapter_dir, temperature):
+    code, out, err = run(
+        capsys, "translate", "--model", adapter_dir, "--do-sample", "--temperature", temperature, REQUEST
+    )
+    assert code == 2 and out == ""
+    assert "--temperature: must be a finite number > 0" in err and "Traceback" not in err
+
+
 def test_translate_truncates_a_huge_request_with_a_warning(capsys, caplog, adapter_dir):
     huge = ("gaming device 203.0.113.75 " * 4000)[:100_000]
     with caplog.at_level(logging.WARNING):
@@ -171,6 +180,7 @@ def test_evaluate_model_writes_report_and_predictions(capsys, adapter_dir, eval_
     report = json.loads(report_path.read_text())
     assert report["n"] == 2 and report["model"] == str(adapter_dir) and report["constrained"] is False
     assert report["max_new_tokens"] == 8 and report["do_sample"] is False and "temperature" in report
+    assert report["prompt_format"] == "alpaca" and report["max_input_tokens"] == 1024 and report["batch_size"] == 8
     assert report["wall_time_s"] > 0 and report["data"] == str(eval_file)
     predictions = tmp_path / "out" / "report.predictions.jsonl"
     assert len(predictions.read_text().splitlines()) == 2
@@ -312,6 +322,38 @@ def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(capsys, adapte
     ids = torch.tensor([tokenizer(REQUEST)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_model_answers_in_the_prompt_format_saved_with_it(capsys, caplog, adapter_dir, eval_file, tmp_path):
+    import shutil
+
+    from qod_lightning.model import PROMPT_FILE
+
+    chat = tmp_path / "chat_adapter"
+    shutil.copytree(adapter_dir, chat)
+    (chat / PROMPT_FILE).write_text('{"prompt_format": "chat"}')
+    common = ["--data", eval_file, "--max-samples", 1, "--max-new-tokens", 4]
+    assert run(capsys, "evaluate", "--model", chat, "--output", tmp_path / "own.json", *common)[0] == 0
+    assert json.loads((tmp_path / "own.json").read_text())["prompt_format"] == "chat"
+    with caplog.at_level(logging.WARNING):
+        code, _, _ = run(
+            capsys,
+            "evaluate",
+            "--model",
+            chat,
+            "--output",
+            tmp_path / "asked.json",
+            "--prompt-format",
+            "alpaca",
+            *common,
+        )
+    assert code == 0 and json.loads((tmp_path / "asked.json").read_text())["prompt_format"] == "alpaca"
+    assert any("was trained on chat prompts; generating with alpaca prompts" in r.getMessage() for r in caplog.records)
+    assert run(capsys, "merge", "--adapter", chat, "--output", tmp_path / "merged")[0] == 0
+    assert (tmp_path / "merged" / PROMPT_FILE).read_text() == '{"prompt_format": "chat"}'
+    # A model saved without one answers in the Alpaca format, as before.
+    assert run(capsys, "evaluate", "--model", adapter_dir, "--output", tmp_path / "plain.json", *common)[0] == 0
+    assert json.loads((tmp_path / "plain.json").read_text())["prompt_format"] == "alpaca"
 
 
 def test_merge_rejects_a_directory_without_adapter(capsys, tmp_path):

@@ -9,7 +9,7 @@ from qod_lightning.data.jsonl import DataError, read_jsonl
 from qod_lightning.data.preference import PreferenceDataModule
 from qod_lightning.data.sampling import WindowBatchSampler
 from qod_lightning.data.sft import SFTDataModule
-from qod_lightning.data.tokenize import encode_prompt, encode_response, format_prompt
+from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, format_prompt, keep_last
 
 
 def write(path, records):
@@ -120,6 +120,33 @@ def test_pad_to_multiple_of_reaches_every_layout(tiny_model_dir, sft_file, tmp_p
         SFTDataModule(str(tiny_model_dir), str(sft_file), pad_to_multiple_of=0)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "room", "bos", "kept"),
+    [
+        ([1, 10, 11, 12, 13], 3, 1, [1, 12, 13]),  # BOS stays, the start of the text goes
+        ([1, 10, 11, 12, 13], 5, 1, [1, 10, 11, 12, 13]),  # fits: untouched
+        ([10, 11, 12, 13], 3, 1, [11, 12, 13]),  # no BOS to keep
+        ([1, 10, 11, 12, 13], 3, None, [11, 12, 13]),  # a tokenizer without BOS
+        ([1, 10, 11], 1, 1, [11]),  # no room for both: the prompt's end matters more
+    ],
+)
+def test_a_cut_prompt_keeps_its_bos(prompt, room, bos, kept):
+    assert keep_last(prompt, room, bos) == kept
+    assert fit_to_length(prompt, [7] * 4, room + 4, bos) == kept
+    assert fit_to_length(prompt, [7] * 4, 4, bos) is None  # the response leaves no room
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_an_error(tiny_model_dir, tmp_path):
+    records = [{"instruction": "Do it.", "input": f"x{i}", "response": '{"a":1}'} for i in range(2)]
+    path = write(tmp_path / "s.jsonl", records)
+    dm = SFTDataModule(str(tiny_model_dir), path, val_fraction=0.75)
+    with pytest.raises(ValueError, match=r"s\.jsonl: val_fraction=0\.75 of its 2 records holds out 2, leaving none"):
+        dm.setup("fit")
+    dm = SFTDataModule(str(tiny_model_dir), path, val_fraction=0.25)  # one each
+    dm.setup("fit")
+    assert len(dm.train_set) == len(dm.val_set) == 1
+
+
 def test_long_prompt_is_truncated_and_unfit_response_skipped(tiny_model_dir, tmp_path):
     long_input = "device 203.0.113.7 " * 40
     path = write(
@@ -201,6 +228,17 @@ def test_window_sampler_shards_ranks_with_global_windows():
     for b0, b1 in zip(*per_rank, strict=True):
         total = sum(weights[i] for i, _ in b0 + b1)
         assert b0[0][1] == b1[0][1] == total
+
+
+@pytest.mark.parametrize(("examples", "world_size"), [(9, 2), (2, 2), (7, 3), (12, 2)])
+def test_an_evaluation_pass_keeps_every_batch_on_every_rank(examples, world_size):
+    # Lightning stops an evaluation loop after len(loader) batches: each rank's length must be
+    # its own count, or the first ranks' extra batch is never run (9 pairs, batch 2, 2 ranks).
+    samplers = [
+        WindowBatchSampler([1] * examples, 2, shuffle=False, rank=r, world_size=world_size) for r in range(world_size)
+    ]
+    assert [len(s) for s in samplers] == [len(list(s)) for s in samplers]
+    assert sorted(i for s in samplers for b in s for i, _ in b) == list(range(examples))
 
 
 def test_window_sampler_epochs_differ_and_repeat():

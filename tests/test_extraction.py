@@ -29,7 +29,27 @@ def test_extracts_the_object_from_fences_and_prose(text):
 
 def test_a_broken_first_object_is_skipped_for_a_good_one():
     assert extract_json('{"qosProfile": "QOS_E",, } then ' + COMPACT) == BODY
-    assert extract_json('{"device": {"ipv4Address": ' + COMPACT) == BODY  # truncated, then the inner good one
+    assert extract_json('{"note": "}", oops} then ' + COMPACT) == BODY  # a brace in a string does not close it
+
+
+def test_an_object_inside_a_broken_one_is_not_the_answer():
+    # The broken object is skipped whole, to its closing brace: what it holds is not top-level.
+    assert extract_json('{"x": ' + COMPACT + " oops} and nothing else") is None
+    assert extract_json('{"x": ' + COMPACT + ' oops} then {"qosProfile": "QOS_L"}') == {"qosProfile": "QOS_L"}
+
+
+def test_a_truncated_answer_holds_no_object():
+    full = json.dumps({"device": {"ipv4Address": {"publicAddress": "192.0.2.1", "publicPort": 80}}, **BODY})
+    cut = full[: full.index('"qosProfile"') + 8]  # ...}},"qosProf
+    assert extract_json(full) is not None
+    assert extract_json(cut) is None  # not its complete inner {"publicAddress": ...}
+    assert extract_json("Use { to open: " + COMPACT) is None  # a "{" that never closes encloses the rest
+
+
+def test_an_object_that_repeats_a_key_does_not_parse():
+    # Which of the two values a server keeps depends on its parser.
+    assert extract_json('{"qosProfile": "QOS_HIGH", "qosProfile": "QOS_E"}') is None
+    assert extract_json('{"device": {"phoneNumber": "+1", "phoneNumber": "+2"}} then ' + COMPACT) == BODY
 
 
 def test_braces_inside_strings_do_not_confuse_it():
@@ -67,9 +87,10 @@ def test_find_json_object_reports_the_source_span():
 
 def test_hostile_text_stays_cheap():
     assert extract_json("{" * 100_000) is None
-    # Only the first MAX_ATTEMPTS candidate starts are tried.
-    assert extract_json("{" * MAX_ATTEMPTS + COMPACT) is None
-    assert extract_json("{" * (MAX_ATTEMPTS - 1) + COMPACT) == BODY
+    assert extract_json("{x}" * 100_000) is None
+    # Only the first MAX_ATTEMPTS candidate objects are tried.
+    assert extract_json("{x}" * MAX_ATTEMPTS + COMPACT) is None
+    assert extract_json("{x}" * (MAX_ATTEMPTS - 1) + COMPACT) == BODY
 
 
 def test_deep_nesting_does_not_raise():

@@ -154,6 +154,19 @@ def test_workers_decode_the_answers_of_one_thread(tiny, constrained):
     assert torch.get_num_threads() == before
 
 
+def test_too_few_requests_for_full_batches_are_shared_between_the_workers(tiny):
+    """One batch of 5 would leave the second worker idle: the requests are split in two."""
+    model, tokenizer = tiny
+    options = {"max_new_tokens": 12, "batch_size": 64}
+    alone = generate_tokens(model, tokenizer, REQUESTS, **options)
+    threads, handle = _forward_threads(model)
+    try:
+        assert generate_tokens(model, tokenizer, REQUESTS, workers=2, **options) == alone
+    finally:
+        handle.remove()
+    assert len(threads) == 2
+
+
 def test_sampling_decodes_in_the_calling_thread_whatever_the_workers(tiny):
     """Seeded sampling stays reproducible: threads would take draws from the one generator in a
     random order."""
@@ -170,6 +183,15 @@ def test_sampling_decodes_in_the_calling_thread_whatever_the_workers(tiny):
         handle.remove()
     assert threads == {threading.get_ident()}
     assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5, float("nan")])
+def test_sampling_refuses_a_temperature_that_is_not_positive(tiny, temperature):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=2, do_sample=True, temperature=temperature)
+    # Greedy decoding never reads it.
+    assert len(generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=2, temperature=0.0)) == 1
 
 
 def test_map_in_threads_shares_the_intra_op_threads_and_raises_what_a_worker_raises():

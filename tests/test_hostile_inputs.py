@@ -58,6 +58,10 @@ def test_checked_in_corpus_is_what_the_generator_writes():
     assert sorted(on_disk) == sorted(expected), "run: python tests/data/hostile/make_corpus.py"
     changed = [name for name in expected if on_disk[name] != expected[name]]
     assert not changed, f"stale corpus files {changed}; run: python tests/data/hostile/make_corpus.py"
+    # Its records carry the instruction generation uses, so only the cases about it warn of it.
+    from qod_lightning.data.prompts import SYSTEM_PROMPT
+
+    assert generator.INSTRUCTION == SYSTEM_PROMPT
 
 
 def test_manifest_covers_at_least_50_files_of_every_kind():

@@ -290,6 +290,12 @@ def test_json_equality_does_not_confuse_true_with_one() -> None:
     assert judge_prediction('{"duration": 1}', "", {"duration": 1}).exact
 
 
+def test_json_equality_does_not_take_a_float_for_an_integer() -> None:
+    verdict = judge_prediction('{"duration": 7200.0}', "", {"duration": 7200})
+    assert not verdict.exact
+    assert verdict.fields_correct == (False,) * 7
+
+
 @pytest.mark.parametrize(
     ("requests", "expected"),
     [(REQUESTS[:-1], EXPECTED), (REQUESTS, EXPECTED[:3])],

@@ -6,13 +6,16 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from qod_lightning.model import (
+    PROMPT_FILE,
     LoRASettings,
     ModelSettings,
     QuantizationSettings,
     build_model,
     count_parameters,
     lora_config,
+    resolve_prompt_format,
     resolve_target_modules,
+    saved_prompt_format,
 )
 
 
@@ -106,3 +109,32 @@ def test_4bit_storage_dtype_can_match_the_other_weights_for_fsdp(tiny_model_dir)
     assert torch.isfinite(out.logits).all()
     with pytest.raises(ValueError, match="quant_storage"):
         QuantizationSettings(quant_storage="int4")
+
+
+def test_4bit_weights_count_unpacked_whatever_their_storage(tiny_model_dir):
+    def total(**quantization):
+        settings = ModelSettings(
+            str(tiny_model_dir), quantization=QuantizationSettings(compute_dtype="float32", **quantization)
+        )
+        return count_parameters(build_model(settings))
+
+    full = total(load_in_4bit=False)
+    assert total(load_in_4bit=True) == full  # two values per uint8
+    assert total(load_in_4bit=True, quant_storage="float32") == full  # eight per float32
+
+
+def test_the_saved_prompt_format_is_the_default_and_can_be_overridden(tmp_path, caplog):
+    import logging
+
+    assert resolve_prompt_format(tmp_path, None) == "alpaca"  # nothing saved
+    assert resolve_prompt_format("embedded:smollm2-135m", "chat") == "chat"
+    (tmp_path / PROMPT_FILE).write_text('{"prompt_format": "chat"}')
+    assert saved_prompt_format(tmp_path) == "chat"
+    assert resolve_prompt_format(tmp_path, None) == "chat"
+    with caplog.at_level(logging.WARNING):
+        assert resolve_prompt_format(tmp_path, "alpaca") == "alpaca"
+    assert "trained on chat prompts; generating with alpaca prompts as asked" in caplog.text
+    for bad in ('{"prompt_format": "xml"}', "[1]", "{"):
+        (tmp_path / PROMPT_FILE).write_text(bad)
+        with pytest.raises(ValueError, match=PROMPT_FILE):
+            saved_prompt_format(tmp_path)

@@ -1,6 +1,9 @@
 """SFT and DPO LightningModules on the tiny Phi-3: what changes, what must not, and the math."""
 
+import math
+
 import lightning as L
+import pytest
 import torch
 
 from qod_lightning.data.preference import PreferenceDataModule
@@ -44,6 +47,8 @@ def test_sft_changes_only_lora_and_keeps_base_bit_identical(tiny_model_dir, smal
     assert (tmp_path / "out/final/adapter_model.safetensors").is_file()
     assert (tmp_path / "out/final/tokenizer.json").is_file()
     assert (tmp_path / "out/best/adapter_config.json").is_file()
+    # Inference answers in the prompt format the adapter learned (model.resolve_prompt_format).
+    assert (tmp_path / "out/final/qod_prompt.json").read_text() == '{"prompt_format": "alpaca"}\n'
 
 
 def test_sft_accumulated_step_is_a_token_weighted_mean(tiny_model_dir, small_data, tmp_path):
@@ -87,15 +92,19 @@ def test_concatenated_pass_equals_separate_passes(tiny_model_dir, small_data):
             torch.testing.assert_close(together[k * 3 + j], alone[0], rtol=1e-4, atol=1e-4)
 
 
-def test_short_dpo_run_raises_accuracy_and_margin(tiny_model_dir, small_data, tmp_path):
+def _sft_adapter(tiny_model_dir, small_data, tmp_path) -> ModelSettings:
+    """Settings of a DPO policy that starts from a one-step SFT adapter."""
     L.seed_everything(0)
     sft_dir = tmp_path / "sft"
     sft = SFTModule(ModelSettings(str(tiny_model_dir)), output_dir=str(sft_dir))
     trainer(tmp_path, max_steps=1).fit(
         sft, SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.0)
     )
+    return ModelSettings(str(tiny_model_dir), adapter_path=str(sft_dir / "final"))
 
-    settings = ModelSettings(str(tiny_model_dir), adapter_path=str(sft_dir / "final"))
+
+def test_short_dpo_run_raises_accuracy_and_margin(tiny_model_dir, small_data, tmp_path):
+    settings = _sft_adapter(tiny_model_dir, small_data, tmp_path)
     dpo = DPOModule(
         settings, beta=0.5, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3), output_dir=str(tmp_path / "dpo")
     )
@@ -117,6 +126,47 @@ def test_short_dpo_run_raises_accuracy_and_margin(tiny_model_dir, small_data, tm
     # At step 0 the policy equals the reference: every margin is 0 and accuracy 0.
     assert accuracy > 0.9 and margin > 0.5
     assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
+
+
+def test_dpo_keeps_its_best_adapter_and_tests_against_the_starting_policy(tiny_model_dir, small_data, tmp_path):
+    settings = _sft_adapter(tiny_model_dir, small_data, tmp_path)
+    pairs = str(small_data["preferences"])
+
+    def dpo():
+        return DPOModule(
+            settings, beta=0.5, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3), output_dir=str(tmp_path / "dpo")
+        )
+
+    def data(test_file):
+        return PreferenceDataModule(str(tiny_model_dir), pairs, val_fraction=0.25, test_file=test_file, batch_size=2)
+
+    # Untrained, the policy is its own reference: every pair's loss is log 2, every margin 0.
+    [result] = trainer(tmp_path).test(dpo(), data(pairs))
+    assert result["test/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result["test/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+    # The test pairs given at fit start are scored then, by the policy before any update.
+    trained = dpo()
+    trainer(tmp_path, max_epochs=3).fit(trained, data(pairs))
+    assert (tmp_path / "dpo/best/adapter_model.safetensors").is_file()
+    assert trained.best_val_loss < math.log(2)
+    [result] = trainer(tmp_path).test(trained, data(pairs))
+    assert result["test/loss"] < math.log(2) and result["test/rewards/margins"] > 0
+
+    # Without them, the trained policy cannot stand in for its own reference.
+    blind = dpo()
+    trainer(tmp_path, max_steps=2).fit(blind, data(None))
+    with pytest.raises(RuntimeError, match="no reference log-probs for the test pairs"):
+        trainer(tmp_path).test(blind, data(pairs))
+
+
+def test_sft_tests_on_the_test_file_and_asks_for_one(tiny_model_dir, small_data, tmp_path):
+    module = SFTModule(ModelSettings(str(tiny_model_dir)))
+    sft = str(small_data["sft"])
+    [result] = trainer(tmp_path).test(module, SFTDataModule(str(tiny_model_dir), sft, val_fraction=0.0, test_file=sft))
+    assert result["test/loss"] > 0
+    with pytest.raises(ValueError, match="no test data: give the data module a test_file"):
+        trainer(tmp_path).test(module, SFTDataModule(str(tiny_model_dir), sft, val_fraction=0.0))
 
 
 def _poisoned_sft(tiny_model_dir, tmp_path, skip):

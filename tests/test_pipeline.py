@@ -183,3 +183,114 @@ def test_pipeline_reports_an_incomplete_stage_output(tmp_path, monkeypatch, caps
     (tmp_path / "sft" / "final").mkdir(parents=True)  # no .complete marker
     run_training(PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path)), force=False)
     assert "sft/final is incomplete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"max_eval_samples": 0},
+        {"max_eval_samples": -5},
+        {"eval_batch_size": 0},
+        {"eval_workers": True},
+        {"max_new_tokens": "9"},
+    ],
+)
+def test_a_count_below_one_is_refused_in_the_config(tmp_path, setting):
+    from qod_lightning.pipeline import PipelineConfig
+
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(setting), encoding="utf-8")
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+        PipelineConfig.from_yaml(config)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_count_below_one_is_refused_on_the_command_line(capsys, value):
+    from qod_lightning.pipeline import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--max-eval-samples", value])
+    assert exit_info.value.code == 2
+    assert "--max-eval-samples: must be >= 1" in capsys.readouterr().err
+
+
+def test_dpo_is_redone_after_sft_is_retrained(tmp_path, monkeypatch, capsys):
+    import qod_lightning.cli
+    from qod_lightning.artifacts import COMPLETE_MARKER
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    calls = []
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args) or fitted(args))
+    for path in ("dpo/final", "dpo/checkpoints"):
+        (tmp_path / path).mkdir(parents=True)
+    (tmp_path / "dpo/final" / COMPLETE_MARKER).write_text("")
+    (tmp_path / "dpo/checkpoints/last.ckpt").write_bytes(b"")
+    _, _, trained = run_training(
+        PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path)), False
+    )
+    assert list(trained) == ["sft", "dpo"]
+    assert "--ckpt_path=last" not in calls[1]  # not resumed from a run on the old SFT adapter either
+    assert "dpo/final was made from the SFT adapter trained before this one, redoing it" in capsys.readouterr().out
+
+
+def test_a_report_is_redone_when_its_model_data_or_settings_change(tmp_path, monkeypatch, capsys):
+    import qod_lightning.commands.evaluate as evaluate
+    from qod_lightning.pipeline import PipelineConfig, run_evaluations
+
+    made = []
+
+    def fake_evaluate(model, data, output, *, constrained, **options):
+        made.append((Path(model).name, constrained, options["max_new_tokens"]))
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({"n": 1}))
+        return {"n": 1}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"one")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("{}\n")
+    cfg = PipelineConfig(eval_file=str(eval_file), work_dir=str(tmp_path / "work"), constrained=False)
+
+    def evaluate_once():
+        made.clear()
+        run_evaluations(cfg, {"sft": str(adapter)}, force=False)
+        return list(made)
+
+    assert evaluate_once() == [("sft", False, 192)]
+    assert evaluate_once() == []  # same inputs: the report is reused
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert evaluate_once() == [("sft", False, 192)]
+    assert "was made from other model files, data or settings, redoing it" in capsys.readouterr().out
+    eval_file.write_text('{"edited": 1}\n')
+    assert evaluate_once() == [("sft", False, 192)]
+    cfg.max_new_tokens = 64
+    assert evaluate_once() == [("sft", False, 64)]
+    assert evaluate_once() == []
+
+
+def test_on_policy_pairs_take_the_sft_adapters_wrong_answers(tmp_path, monkeypatch, capsys, small_data):
+    import qod_lightning.cli
+    import qod_lightning.generation
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    calls = []
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args) or fitted(args))
+    monkeypatch.setattr(qod_lightning.generation, "load_for_inference", lambda path: (None, None))
+    records = [json.loads(line) for line in small_data["preferences"].read_text().splitlines()]
+    # Right on the first pair, wrong on the others.
+    answers = [records[0]["chosen"]] + ['{"qosProfile": "QOS_E"}'] * (len(records) - 1)
+    monkeypatch.setattr(qod_lightning.generation, "generate", lambda model, tokenizer, prompts, **options: answers)
+    cfg = PipelineConfig(
+        model="m", sft_config="s", dpo_config="d", dpo_train_file=str(small_data["preferences"]), work_dir=str(tmp_path)
+    )
+    cfg.on_policy_pairs = True
+    run_training(cfg, force=False)
+    pairs_file = tmp_path / "dpo" / "pairs.jsonl"
+    assert f"--data.init_args.train_file={pairs_file}" in calls[1]
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert [p["rejected"] for p in pairs] == [records[0]["rejected"]] + ['{"qosProfile": "QOS_E"}'] * (len(records) - 1)
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(r["prompt"], r["chosen"]) for r in records]
+    assert f"own answer is the rejected one in {len(records) - 1} of {len(records)} pairs" in capsys.readouterr().out

@@ -121,6 +121,8 @@ def test_required_fields(body):
         with_(applicationServer={"ipv6Address": "192.0.2.1"}),
         with_(devicePorts={"ports": [70000]}),
         with_(devicePorts={"ports": ["5060"]}),
+        with_(devicePorts={"ports": [5060.0]}),  # an integer field wants an integer literal
+        with_(device={"ipv4Address": {"publicAddress": "203.0.113.75", "publicPort": 40123.0}}),
         with_(webhook={"notificationUrl": "ftp://hooks.example.com/x"}),
         with_(webhook={"notificationUrl": "https://hooks.example.com/x", "notificationAuthToken": "short"}),
     ],
@@ -176,7 +178,7 @@ def test_qos_profile(profile):
     assert failed(with_(qosProfile=profile)) == {"qos_profile"}
 
 
-@pytest.mark.parametrize("duration", [0, -1, 86401, "7200", "2 hours", 7200.5, True, None])
+@pytest.mark.parametrize("duration", [0, -1, 86401, "7200", "2 hours", 7200.5, 7200.0, True, None])
 def test_duration(duration):
     assert failed(with_(duration=duration)) == {"duration"}
 
@@ -245,12 +247,52 @@ def test_an_invented_phone_number_is_reported():
     assert found == ["phone number +447700900999"]
 
 
+@pytest.mark.parametrize("answer", ["+4477009001", "+44770090012", "+77009001"])
+def test_a_phone_number_cut_inside_a_digit_group_is_not_the_requested_one(answer):
+    request = "phone +44 7700 900123 (2 hours)"
+    assert value_hallucinations({"device": {"phoneNumber": answer}}, request) == [f"phone number {answer}"]
+
+
+@pytest.mark.parametrize(
+    ("request_text", "body", "found"),
+    [
+        # A shortened URL or identifier is not the one the user gave.
+        (
+            "notify url https://api.example.org/v1/notifications/kpff8x, auth token abc",
+            {"webhook": {"notificationUrl": "https://api.example.org"}},
+            ["URL https://api.example.org (notificationUrl)"],
+        ),
+        (
+            "notify url https://api.example.org/v1/notifications/kpff8x, auth token abc",
+            {"webhook": {"notificationUrl": "https://api.example.org/v1/notifications/kpff8x"}},
+            [],
+        ),
+        (
+            "Callback: https://notify.example.net/qod.",
+            {"webhook": {"notificationUrl": "https://notify.example.net/qod"}},
+            [],
+        ),
+        (
+            "user bob739@example.org, please",
+            {"device": {"networkAccessIdentifier": "ob739@example.org"}},
+            ["network access identifier ob739@example.org"],
+        ),
+        ("user bob739@example.org.", {"device": {"networkAccessIdentifier": "bob739@example.org"}}, []),
+    ],
+)
+def test_urls_and_identifiers_must_occur_whole(request_text, body, found):
+    assert value_hallucinations(body, request_text) == found
+
+
 def test_ports_must_be_mentioned_outside_addresses():
     request = "server 192.0.2.200 port 443, device ports 5000-5010"
     body = {"applicationServerPorts": {"ports": [443]}, "devicePorts": {"ranges": [{"from": 5000, "to": 5010}]}}
     assert value_hallucinations(body, request) == []
     assert value_hallucinations({"applicationServerPorts": {"ports": [200]}}, request) == ["port 200 (ports)"]
     assert value_hallucinations({"devicePorts": {"ports": [5]}}, "for 2.5 hours") == ["port 5 (ports)"]
+    # A port written as a float is still a port (the schema check reports its type).
+    assert value_hallucinations({"devicePorts": {"ports": [9999.0]}}, request) == ["port 9999.0 (ports)"]
+    assert value_hallucinations({"devicePorts": {"ports": [443.0]}}, request) == []
 
 
 @pytest.mark.parametrize(

@@ -91,11 +91,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=positive_int, default=1, help="batches decoded at once in threads, on a CPU (default 1)"
     )
-    parser.add_argument("--prompt-format", choices=("alpaca", "chat"), default="alpaca", help="as in training")
+    parser.add_argument(
+        "--prompt-format",
+        choices=("alpaca", "chat"),
+        help="as in training (default: the format saved with the adapter or model, else alpaca)",
+    )
     parser.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base weights in 4-bit NF4")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.3, help="sampling temperature (default 0.3)")
+    parser.add_argument("--temperature", type=positive_float, default=0.3, help="sampling temperature (default 0.3)")
     parser.add_argument("--max-input-tokens", type=positive_int, default=1024, help="longest prompt kept")
 
 
@@ -117,4 +121,12 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """Argparse type: a finite number above 0."""
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return number

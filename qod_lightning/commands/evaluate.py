@@ -62,6 +62,7 @@ def load_eval_records(path: str, max_samples: int | None = None) -> list[dict[st
     Raises:
         DataError: On what :func:`~qod_lightning.data.jsonl.read_jsonl` rejects, or an
             ``expected`` that is not a valid request (nothing could match it).
+        ValueError: When ``max_samples`` is below 1.
 
     """
     records = read_jsonl(existing_file(path, "evaluation data"), EVAL_RECORD)
@@ -70,7 +71,11 @@ def load_eval_records(path: str, max_samples: int | None = None) -> list[dict[st
     repeats = duplicate_lines(records, EVAL_RECORD)
     if repeats:
         log.warning("%s: %d duplicate record(s): %s", path, len(repeats), describe_duplicates(repeats))
-    return records[:max_samples] if max_samples else records
+    if max_samples is None:
+        return records
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or None for every record), got {max_samples}")
+    return records[:max_samples]
 
 
 def check_expected(path: str, line: int, expected: dict[str, Any]) -> None:
@@ -129,7 +134,7 @@ def evaluate_model(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     workers: int = 1,
-    prompt_format: PromptFormat = "alpaca",
+    prompt_format: PromptFormat | None = None,
     do_sample: bool = False,
     temperature: float = 0.3,
     max_input_tokens: int = 1024,
@@ -151,7 +156,8 @@ def evaluate_model(
         batch_size: Requests per generation batch.
         workers: Batches decoded at once in threads, on a CPU
             (:func:`~qod_lightning.generation.generate_tokens`).
-        prompt_format: ``alpaca`` or ``chat``, as in training.
+        prompt_format: ``alpaca`` or ``chat``; ``None``: the one saved with the model, else ``alpaca``
+            (:func:`~qod_lightning.model.resolve_prompt_format`).
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature.
         max_input_tokens: Longest prompt kept, in tokens.
@@ -160,15 +166,17 @@ def evaluate_model(
 
     Returns:
         The report: :func:`~qod_lightning.metrics.score_predictions`'s keys, then ``model``,
-        ``constrained``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``data`` and
-        ``wall_time_s`` (loading, generating and scoring).
+        ``constrained``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``prompt_format``,
+        ``max_input_tokens``, ``batch_size``, ``data`` and ``wall_time_s`` (loading, generating
+        and scoring).
 
     """
     from qod_lightning.generation import generate
-    from qod_lightning.model import free_gpu_memory
+    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
+    prompt_format = resolve_prompt_format(model, prompt_format)
     options = _generation_options(
         prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
     )
@@ -188,7 +196,7 @@ def evaluate_model_both(
     max_new_tokens: int = 512,
     batch_size: int = 8,
     workers: int = 1,
-    prompt_format: PromptFormat = "alpaca",
+    prompt_format: PromptFormat | None = None,
     do_sample: bool = False,
     temperature: float = 0.3,
     max_input_tokens: int = 1024,
@@ -213,7 +221,8 @@ def evaluate_model_both(
         batch_size: Requests per generation batch.
         workers: Batches decoded at once in threads, on a CPU
             (:func:`~qod_lightning.generation.generate_tokens`).
-        prompt_format: ``alpaca`` or ``chat``, as in training.
+        prompt_format: ``alpaca`` or ``chat``; ``None``: the one saved with the model, else ``alpaca``
+            (:func:`~qod_lightning.model.resolve_prompt_format`).
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature.
         max_input_tokens: Longest prompt kept, in tokens.
@@ -230,11 +239,12 @@ def evaluate_model_both(
 
     """
     from qod_lightning.generation import decode_answers, generate_tokens, grammar_accepted_starts
-    from qod_lightning.model import free_gpu_memory
+    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
 
     start = time.perf_counter()
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
     requests = [r["input"] for r in records]
+    prompt_format = resolve_prompt_format(model, prompt_format)
     options = _generation_options(
         prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
     )
@@ -295,6 +305,9 @@ def _details(model: str, data: str | Path, constrained: bool, options: dict[str,
         "max_new_tokens": options["max_new_tokens"],
         "do_sample": options["do_sample"],
         "temperature": options["temperature"],
+        "prompt_format": options["prompt_format"],
+        "max_input_tokens": options["max_input_tokens"],
+        "batch_size": options["batch_size"],
         "data": str(data),
     }
 
@@ -358,7 +371,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         records = read_predictions(args.predictions)
         # The same keys as a generated report; how the predictions were made is unknown here.
-        unknown = dict.fromkeys(("model", "constrained", "max_new_tokens", "do_sample", "temperature"))
+        unknown = dict.fromkeys(
+            (
+                "model",
+                "constrained",
+                "max_new_tokens",
+                "do_sample",
+                "temperature",
+                "prompt_format",
+                "max_input_tokens",
+                "batch_size",
+            )
+        )
         report = score_report(
             records,
             [r["prediction"] for r in records],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from qod_lightning.commands.common import CommandError, run
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def merge_adapter(adapter: str | Path, output: str | Path, four_bit: bool = False, dtype: str = "float32") -> Path:
     """Load base + adapter, merge the LoRA update into the weights, and save model and tokenizer.
 
+    The adapter's saved prompt format (:data:`~qod_lightning.model.PROMPT_FILE`) goes with them.
+
     A QLoRA adapter learned its update against the 4-bit weights, not the original ones, so with
     ``four_bit`` the base is loaded in 4-bit exactly as in training and then dequantized to
     ``dtype``: the merged model computes what the adapter model computed. Merging into the 4-bit
@@ -52,7 +55,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, four_bit: bool = Fals
     from peft import PeftConfig, PeftModel
 
     from qod_lightning.artifacts import atomic_directory
-    from qod_lightning.model import ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
+    from qod_lightning.model import PROMPT_FILE, ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
 
     base_name = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     quantization = QuantizationSettings(load_in_4bit=four_bit, compute_dtype=dtype)
@@ -63,9 +66,12 @@ def merge_adapter(adapter: str | Path, output: str | Path, four_bit: bool = Fals
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(adapter) if has_tokenizer else base_name)
+    prompt_file = Path(adapter) / PROMPT_FILE
     with atomic_directory(output) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if prompt_file.is_file():  # the merged model answers in the adapter's prompt format
+            shutil.copyfile(prompt_file, Path(tmp) / PROMPT_FILE)
     return Path(output)
 
 

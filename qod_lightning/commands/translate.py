@@ -100,10 +100,12 @@ def _print_single(request: str, raw_output: str) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from qod_lightning.generation import generate, load_for_inference
+    from qod_lightning.model import resolve_prompt_format
 
     requests = _requests(args)
+    options = {**generation_kwargs(args), "prompt_format": resolve_prompt_format(args.model, args.prompt_format)}
     model, tokenizer = load_for_inference(check_model_path(args.model), load_in_4bit=args.four_bit, dtype=args.dtype)
-    outputs = generate(model, tokenizer, requests, constrained=args.constrained, **generation_kwargs(args))
+    outputs = generate(model, tokenizer, requests, constrained=args.constrained, **options)
     if args.input is None:
         return _print_single(requests[0], outputs[0])
     records = [answer_record(request, raw) for request, raw in zip(requests, outputs, strict=True)]

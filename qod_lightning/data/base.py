@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from qod_lightning.data.jsonl import DataError
 from qod_lightning.data.sampling import ResumableDataLoader, WindowBatchSampler
 from qod_lightning.data.tokenize import PromptFormat
 from qod_lightning.model import load_tokenizer
@@ -45,6 +46,8 @@ class TokenizedDataModule(L.LightningDataModule):
         train_file: Training JSONL.
         val_file: Validation JSONL; without it ``val_fraction`` of the training file is held out.
         val_fraction: Share of training records held out when there is no ``val_file``.
+        test_file: JSONL for the ``test`` command (read with the others whenever it is given, so
+            a DPO fit can score its reference before training changes the policy).
         max_length: Longest sequence in tokens (see :func:`~qod_lightning.data.tokenize.fit_to_length`).
         batch_size: Examples per training micro-batch.
         eval_batch_size: Examples per validation batch (default: ``batch_size``).
@@ -64,6 +67,7 @@ class TokenizedDataModule(L.LightningDataModule):
         train_file: str,
         val_file: str | None = None,
         val_fraction: float = 0.1,
+        test_file: str | None = None,
         max_length: int = 512,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
@@ -82,6 +86,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: ExampleDataset | None = None
         self.val_set: ExampleDataset | None = None
+        self.test_set: ExampleDataset | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -110,16 +115,25 @@ class TokenizedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, split and tokenize (once)."""
+        """Read, split and tokenize (once), the test file included when there is one."""
+        hp = self.hparams
         if self.train_set is not None:
             return
-        hp = self.hparams
+        if hp.test_file:
+            self.test_set = ExampleDataset(self._encode_all(self.read(hp.test_file), hp.test_file))
         train = self.read(hp.train_file)
         if hp.val_file:
             val = self.read(hp.val_file)
         elif hp.val_fraction > 0 and len(train) > 1:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
             n_val = max(1, round(len(train) * hp.val_fraction))
+            if n_val >= len(train):
+                raise DataError(
+                    hp.train_file,
+                    None,
+                    f"val_fraction={hp.val_fraction} of its {len(train)} records holds out {n_val}, leaving "
+                    "none to train on; lower val_fraction or give a val_file",
+                )
             val = [train[i] for i in sorted(order[:n_val])]
             train = [train[i] for i in sorted(order[n_val:])]
         else:
@@ -203,9 +217,15 @@ class TokenizedDataModule(L.LightningDataModule):
         batch["index"] = torch.tensor([item["index"] for item in items])
         return batch
 
+    def split(self, name: str) -> ExampleDataset | None:
+        """The ``train``, ``val`` or ``test`` examples (``None`` before :meth:`setup` reads them)."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"no split {name!r}: train, val or test")
+        return getattr(self, f"{name}_set")
+
     def ordered_dataloader(self, split: str) -> DataLoader:
-        """All examples of ``split`` (``train`` or ``val``) in file order, unshuffled."""
-        dataset = self.train_set if split == "train" else self.val_set
+        """All examples of ``split`` (``train``, ``val`` or ``test``) in file order, unshuffled."""
+        dataset = self.split(split)
         assert dataset is not None, "call setup() first"
         return self._loader(dataset, shuffle=False, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size)
 
@@ -218,3 +238,9 @@ class TokenizedDataModule(L.LightningDataModule):
         """Validation batches in file order (none when there is no validation data)."""
         assert self.val_set is not None, "call setup() first"
         return self.ordered_dataloader("val") if len(self.val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        """The test file's batches in file order."""
+        if self.test_set is None:
+            raise ValueError("no test data: give the data module a test_file (--data.init_args.test_file FILE)")
+        return self.ordered_dataloader("test")

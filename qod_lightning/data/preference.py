@@ -55,7 +55,7 @@ class PreferenceDataModule(TokenizedDataModule):
         chosen = encode_response(self.tokenizer, record["chosen"])
         rejected = encode_response(self.tokenizer, record["rejected"])
         longer = chosen if len(chosen) >= len(rejected) else rejected
-        kept = fit_to_length(prompt_ids, longer, self.hparams.max_length)
+        kept = fit_to_length(prompt_ids, longer, self.hparams.max_length, self.tokenizer.bos_token_id)
         if kept is None:
             return None
         return {

@@ -123,7 +123,9 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         return mine
 
     def __len__(self) -> int:
-        return len(self._global_batches()) // self.world_size
+        # This rank's own count: in an unshuffled pass the first ranks may hold one batch more, and
+        # Lightning stops an evaluation loop after len(loader) batches.
+        return len(self._rank_batches())
 
 
 class ResumableDataLoader(DataLoader):

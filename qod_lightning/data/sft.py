@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from qod_lightning.data.base import TokenizedDataModule
 from qod_lightning.data.jsonl import describe_duplicates, duplicate_lines, read_jsonl
+from qod_lightning.data.prompts import SYSTEM_PROMPT
 from qod_lightning.data.tokenize import (
     IGNORE_INDEX,
     encode_prompt,
@@ -35,19 +36,27 @@ class SFTDataModule(TokenizedDataModule):
     def read(self, path: str) -> list[dict[str, Any]]:
         """Read ``{"instruction", "input", "response"}`` records.
 
-        Records are kept as they are, but two kinds are reported by line in a warning: repeats
-        of an earlier record (one copy can land in each split), and responses that are not a
-        bare valid request for their input (the model would learn to write them).
+        Records are kept as they are, but three kinds are reported by line in a warning: repeats
+        of an earlier record (one copy can land in each split), responses that are not a bare
+        valid request for their input (the model would learn to write them), and instructions
+        other than :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, the one inference uses.
         """
         records = read_jsonl(path, SFT_RECORD)
         warn_about_records(path, records, SFT_RECORD, "response", "input")
+        other = [r["_line"] for r in records if r["instruction"] != SYSTEM_PROMPT]
+        if other:
+            rank_zero_warn(
+                f"{path}: {len(other)} record(s) carry an instruction other than the one generation "
+                f"prompts with ({SYSTEM_PROMPT!r}), so the model is trained on prompts it will not be "
+                f"asked: line(s) {other[:20]}{' and more' if len(other) > 20 else ''}"
+            )
         return records
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Prompt ids then response ids + EOS; labels mask the prompt."""
         prompt_ids = encode_prompt(self.tokenizer, record["input"], record["instruction"], self.hparams.prompt_format)
         response_ids = encode_response(self.tokenizer, record["response"])
-        kept = fit_to_length(prompt_ids, response_ids, self.hparams.max_length)
+        kept = fit_to_length(prompt_ids, response_ids, self.hparams.max_length, self.tokenizer.bos_token_id)
         if kept is None:
             return None
         return {

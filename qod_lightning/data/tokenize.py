@@ -94,12 +94,43 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[i
     return [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
-def fit_to_length(prompt_ids: list[int], response_ids: list[int], max_length: int) -> list[int] | None:
+def keep_last(prompt_ids: list[int], room: int, bos_token_id: int | None) -> list[int]:
+    """The last ``room`` ids of a prompt, with its leading BOS kept when it had one.
+
+    The model only ever saw prompts that start with BOS (where its tokenizer adds one); cutting
+    it away would make every truncated prompt unlike those it learned from.
+
+    Args:
+        prompt_ids: The prompt's ids.
+        room: How many ids may stay (at least 1).
+        bos_token_id: The tokenizer's BOS id, or ``None``.
+
+    Returns:
+        ``prompt_ids`` itself when it fits, else its last ``room`` ids (BOS and the last
+        ``room - 1`` when the prompt starts with BOS and ``room`` is at least 2).
+
+    """
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if bos_token_id is not None and prompt_ids[0] == bos_token_id and room >= 2:
+        return [bos_token_id, *prompt_ids[len(prompt_ids) - room + 1 :]]
+    return prompt_ids[len(prompt_ids) - room :]
+
+
+def fit_to_length(
+    prompt_ids: list[int], response_ids: list[int], max_length: int, bos_token_id: int | None = None
+) -> list[int] | None:
     """Apply the length policy to one example.
 
     The response is never cut: when prompt + response is too long, tokens are dropped from the
-    start of the prompt (keeping a leading BOS), and when the response alone leaves no room for a
-    prompt token the example is rejected.
+    start of the prompt (keeping a leading BOS, :func:`keep_last`), and when the response alone
+    leaves no room for a prompt token the example is rejected.
+
+    Args:
+        prompt_ids: The prompt's ids.
+        response_ids: The answer's ids (EOS included).
+        max_length: Longest sequence in tokens.
+        bos_token_id: The tokenizer's BOS id, kept at the start of a cut prompt.
 
     Returns:
         The (possibly truncated) prompt ids, or ``None`` when the example cannot fit.
@@ -108,9 +139,7 @@ def fit_to_length(prompt_ids: list[int], response_ids: list[int], max_length: in
     room = max_length - len(response_ids)
     if room < 1:
         return None
-    if len(prompt_ids) <= room:
-        return prompt_ids
-    return prompt_ids[len(prompt_ids) - room :]
+    return keep_last(prompt_ids, room, bos_token_id)
 
 
 def padded_length(longest: int, multiple: int) -> int:

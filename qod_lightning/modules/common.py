@@ -55,7 +55,10 @@ def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 class LinearWarmupDecay(LambdaLR):
-    """Linear warm-up from 0 to the base LR, then linear decay to 0 at the last step.
+    """Linear warm-up from 0 to the base LR, then linear decay that reaches 0 just after the last step.
+
+    As transformers' linear schedule: the first step runs at ``1 / (warmup + 1)`` of the base LR
+    and the last at ``1 / (num_training_steps - warmup)`` of it (a step at 0 would be wasted).
 
     Args:
         optimizer: The optimizer.
@@ -135,6 +138,7 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only (see on_save_checkpoint)
         self._throughput = Throughput()
         self._rng_to_restore: dict[str, Any] | None = None
+        self.best_val_loss = math.inf
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         raise NotImplementedError
@@ -215,10 +219,12 @@ class AdapterModule(L.LightningModule):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["best_val_loss"] = self.best_val_loss  # so a resumed run does not overwrite best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Hold the saved random-number state until training resumes (after sanity checks)."""
         self._rng_to_restore = checkpoint.get("rng_state")
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Restore the checkpoint's random-number state just before the first resumed batch."""
@@ -233,14 +239,20 @@ class AdapterModule(L.LightningModule):
         """Save the final adapter."""
         self.save_adapter("final")
 
+    def keep_best(self, val_loss: float) -> None:
+        """Save the adapter to ``output_dir/best`` when ``val_loss`` is the lowest of this fit so far."""
+        if val_loss < self.best_val_loss and self.trainer.state.fn == "fit":
+            self.best_val_loss = val_loss
+            self.save_adapter("best")
+
     def save_adapter(self, name: str) -> Path | None:
         """Write the adapter and tokenizer to ``output_dir/name`` (rank zero only)."""
         if not self.trainer.is_global_zero:
             return None
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) or load_tokenizer(
-            self.settings.model_name_or_path
-        )
-        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name)
+        datamodule = self.trainer.datamodule
+        tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.settings.model_name_or_path)
+        prompt_format = getattr(getattr(datamodule, "hparams", None), "prompt_format", None)
+        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name, prompt_format)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected optimizer and scheduler."""

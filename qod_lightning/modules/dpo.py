@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
 from torch.utils.data import DataLoader
+from torchmetrics import SumMetric
 from tqdm.auto import tqdm
 
 from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
@@ -77,6 +78,8 @@ class DPOModule(AdapterModule):
     one model in memory and no second adapter; it costs one no-grad pass over the data before
     training, the same forwards a per-step reference would do in one epoch, and none in later
     epochs. The cache is saved in Lightning checkpoints, so a resumed run does not recompute it.
+    Test pairs (the data module's ``test_file``) are scored with the others at the start of fit,
+    so ``test --ckpt_path`` compares the trained policy with the policy it started from.
 
     Args:
         model: The base model and ``adapter_path`` of the SFT adapter to start from.
@@ -84,7 +87,8 @@ class DPOModule(AdapterModule):
         label_smoothing: Conservative-DPO flip probability (0: plain DPO).
         optimizer: Built over the LoRA parameters.
         scheduler: Per-step LR schedule (optional).
-        output_dir: The DPO adapter goes to ``output_dir/final`` at the end of fit.
+        output_dir: The DPO adapter goes to ``output_dir/final`` at the end of fit and
+            ``output_dir/best`` whenever the validation loss improves.
         skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
         share_prompt: Score each pair as one packed row, so its prompt runs through the model once
             instead of twice (:func:`pair_logps`; same numbers, fewer tokens).
@@ -106,6 +110,8 @@ class DPOModule(AdapterModule):
         super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.reference: dict[str, torch.Tensor] = {}
+        self.val_loss_sum, self.val_pairs = SumMetric(), SumMetric()
+        self._policy_trained = False  # by a step of this module's, or in the checkpoint it was loaded from
         trainable, total = count_parameters(self.model)
         rank_zero_info(f"DPO policy: {trainable:,} trainable of {total:,} parameters")
 
@@ -150,18 +156,30 @@ class DPOModule(AdapterModule):
         if split in self.reference:
             return
         datamodule = self.trainer.datamodule
-        dataset = datamodule.train_set if split == "train" else datamodule.val_set
-        if dataset is not None and len(dataset) > 0:
-            self.reference[split] = self.compute_reference(datamodule.ordered_dataloader(split), split)
+        dataset = datamodule.split(split)
+        if dataset is None or len(dataset) == 0:
+            return
+        if self._policy_trained:
+            # The policy has been trained: scoring it now would compare it with itself.
+            raise RuntimeError(
+                f"no reference log-probs for the {split} pairs: they were not part of the data when this "
+                f"policy's training started (step 0), and the trained policy is no reference. Give the "
+                f"data module this {split} data when fitting, or {split} the untrained SFT adapter."
+            )
+        self.reference[split] = self.compute_reference(datamodule.ordered_dataloader(split), split)
 
     def on_fit_start(self) -> None:
-        """Cache reference log-probs for training and validation pairs before any update."""
-        self._ensure_reference("train")
-        self._ensure_reference("val")
+        """Cache reference log-probs for every split's pairs before any update."""
+        for split in ("train", "val", "test"):
+            self._ensure_reference(split)
 
     def on_validation_start(self) -> None:
         """``validate`` without ``fit`` needs the cache too."""
         self._ensure_reference("val")
+
+    def on_test_start(self) -> None:
+        """``test`` needs the test pairs' reference."""
+        self._ensure_reference("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also store the reference cache, so a resumed run does not recompute it from a trained policy."""
@@ -172,14 +190,15 @@ class DPOModule(AdapterModule):
         """Restore the reference cache of the interrupted run."""
         super().on_load_checkpoint(checkpoint)
         self.reference = checkpoint.get("dpo_reference", {})
+        self._policy_trained = checkpoint.get("global_step", 0) > 0
 
     # -- steps -----------------------------------------------------------------------------------
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        split = "train" if stage == "train" else "val"
+        self._policy_trained |= stage == "train"
         logps = pair_logps(self.model, batch, self.hparams.share_prompt)  # (2B,): chosen, then rejected
         policy_chosen, policy_rejected = logps.view(2, -1)  # each (B,)
-        ref = self.reference[split][batch["index"].cpu()].to(logps)  # (B, 2)
+        ref = self.reference[stage][batch["index"].cpu()].to(logps)  # (B, 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], self.hparams.beta, self.hparams.label_smoothing
         )
@@ -189,6 +208,9 @@ class DPOModule(AdapterModule):
             loss = losses.sum() * scale / batch["window_weight"]
         else:
             loss = losses.mean()
+        if stage == "val":
+            self.val_loss_sum.update(losses.detach().sum())
+            self.val_pairs.update(losses.numel())
         n = losses.numel()
         on_step = stage == "train"
         metrics = {
@@ -206,3 +228,16 @@ class DPOModule(AdapterModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """DPO loss and rewards on held-out pairs."""
         return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """As validation, on the test pairs, logged under ``test/``."""
+        return self._shared_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the adapter with the lowest mean validation loss over all pairs (exact under DDP)."""
+        done = not self.trainer.sanity_checking and self.val_pairs.update_count > 0
+        mean_loss = float(self.val_loss_sum.compute() / self.val_pairs.compute().clamp(min=1)) if done else None
+        self.val_loss_sum.reset()
+        self.val_pairs.reset()
+        if mean_loss is not None:
+            self.keep_best(mean_loss)

@@ -46,7 +46,6 @@ class SFTModule(AdapterModule):
         super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
-        self.best_val_loss = math.inf
         trainable, total = count_parameters(self.model)
         rank_zero_info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
@@ -89,16 +88,4 @@ class SFTModule(AdapterModule):
         self.val_nll.reset()
         self.val_tokens.reset()
         self.log("val/perplexity", math.exp(min(mean_nll, 50.0)), sync_dist=False)
-        if mean_nll < self.best_val_loss and self.trainer.state.fn == "fit":
-            self.best_val_loss = mean_nll
-            self.save_adapter("best")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also remember the best validation loss, so a resumed run does not overwrite ``best``."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["best_val_loss"] = self.best_val_loss
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the best validation loss of the interrupted run."""
-        super().on_load_checkpoint(checkpoint)
-        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        self.keep_best(mean_nll)

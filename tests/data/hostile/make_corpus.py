@@ -29,10 +29,9 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = "MANIFEST.json"
 COMMANDS = ("eval", "predictions", "translate", "translate_input")
 
-INSTRUCTION = (
-    "Translate the user's request into the JSON body of a CAMARA Quality-on-Demand "
-    "CreateSession call (API v0.10.1). Answer with the JSON object only."
-)
+# qod_lightning.data.prompts.SYSTEM_PROMPT, the instruction generation prompts with: the SFT
+# loader warns about records that carry another one (sft/other_instruction.jsonl).
+INSTRUCTION = "Translate the request into a CAMARA QoD CreateSession JSON body."
 
 
 def request(i: int) -> str:
@@ -363,6 +362,15 @@ def build() -> tuple[dict[str, bytes], list[dict[str, Any]]]:
         1,
         "malformed JSON (Exceeds the limit",
         "a 5,000-digit number (a bare ValueError before)",
+    )
+    add(
+        "sft/other_instruction.jsonl",
+        lines(sft(1), sft(2, instruction="Answer in JSON."), sft(3, instruction="Answer in JSON.")),
+        "sft",
+        "handled",
+        "the model would be trained on prompts generation never writes",
+        records=3,
+        warning="2 record(s) carry an instruction other than the one generation prompts with",
     )
     add(
         "sft/duplicate_records.jsonl",
