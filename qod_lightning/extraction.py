@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_ATTEMPTS = 256
-"""Candidate objects tried before giving up, so hostile text (``{x}`` repeated 100k times) stays cheap."""
+"""Candidate objects tried before giving up, so hostile text (``{"x"}`` repeated 100k times) stays cheap."""
+_CANDIDATE = re.compile(r'\{\s*["}]')
+"""Where a JSON object can start: a brace followed by a key or by its closing brace. Other braces
+(``:-{``, ``{x}``, Python's ``{'a': 1}``) are prose or code, and never hide an object after them."""
 
 
 def _reject_constant(name: str) -> Any:
@@ -52,12 +56,12 @@ def find_json_object(text: str) -> tuple[dict[str, Any], int, int] | None:
     """Locate the first top-level JSON object in ``text`` that parses.
 
     Tolerates code fences, prose before and after, and broken candidate objects before the good
-    one. NaN, Infinity and an object that repeats a key anywhere do not parse. A candidate that
-    fails to parse is skipped whole, to the brace that closes it, so an object nested inside it
-    is never taken for the answer: a truncated answer
+    one. NaN, Infinity and an object that repeats a key anywhere do not parse. A candidate (a
+    ``{`` followed by ``"`` or ``}``) that fails to parse is skipped whole, to the brace that
+    closes it, so an object nested inside it is never taken for the answer: a truncated answer
     (``{"device":{"ipv4Address":{...}},"qosProf``) holds no object, not its first inner one.
-    A ``{`` that never closes ends the search for the same reason. Never raises on any input
-    string.
+    A candidate that never closes ends the search for the same reason. Never raises on any
+    input string.
 
     Args:
         text: Raw model output or any other text.
@@ -68,17 +72,18 @@ def find_json_object(text: str) -> tuple[dict[str, Any], int, int] | None:
     """
     if not isinstance(text, str):
         return None
-    start = text.find("{")
+    candidate = _CANDIDATE.search(text)
     attempts = 0
-    while start != -1 and attempts < MAX_ATTEMPTS:
+    while candidate is not None and attempts < MAX_ATTEMPTS:
         attempts += 1
+        start = candidate.start()
         try:
             obj, end = _DECODER.raw_decode(text, start)
         except (ValueError, RecursionError):
             span_end = _span_end(text, start)
             if span_end is None:
                 return None
-            start = text.find("{", span_end)
+            candidate = _CANDIDATE.search(text, span_end)
             continue
         return obj, start, end  # text[start] is "{", so what parsed is an object
     return None

@@ -96,6 +96,14 @@ class TensorBoardRun:
     step: int
 
 
+def _config_train_file(config: str) -> str:
+    """``data.init_args.train_file`` of a stage config (not of ``fit_args`` overrides)."""
+    try:
+        return yaml.safe_load(Path(config).read_text(encoding="utf-8"))["data"]["init_args"]["train_file"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{config}: no data.init_args.train_file; set dpo_train_file in the pipeline config") from err
+
+
 def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) -> Path:
     """Write DPO pairs whose rejected answers are the SFT adapter's own mistakes.
 
@@ -113,10 +121,7 @@ def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) 
     from qod_lightning.generation import generate, load_for_inference
     from qod_lightning.model import free_gpu_memory, resolve_prompt_format
 
-    source = (
-        cfg.dpo_train_file
-        or yaml.safe_load(Path(cfg.dpo_config).read_text(encoding="utf-8"))["data"]["init_args"]["train_file"]
-    )
+    source = cfg.dpo_train_file or _config_train_file(cfg.dpo_config)
     records = read_jsonl(source, PREFERENCE_RECORD)
     start = time.perf_counter()
     model, tokenizer = load_for_inference(str(sft_adapter))
@@ -167,34 +172,52 @@ def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | No
 def _report_incomplete(stage: str, output: Path) -> None:
     if output.exists() and not is_complete(output):
         print(
-            f"[pipeline] {stage}: {output} is incomplete (no {COMPLETE_MARKER} marker: an interrupted write), "
-            "redoing it"
+            f"[pipeline] {stage}: {output} is incomplete (no {COMPLETE_MARKER} marker: an interrupted write, "
+            "or made from an earlier stage's output that was replaced), redoing it"
         )
+
+
+def _make_stale(work: Path, stage: str) -> None:
+    """Before ``stage`` trains, unmark what was made from its old output, so no run trusts it.
+
+    Done before training, not after, so that a run that stops in between still redoes them:
+    SFT invalidates the DPO adapter, DPO's checkpoint and the merged model; DPO the merged model.
+    """
+    later = [work / "dpo" / "final", work / "merged"] if stage == "sft" else [work / "merged"]
+    stale = [path for path in later if is_complete(path)]
+    for path in stale:
+        (path / COMPLETE_MARKER).unlink()
+    checkpoint = work / "dpo" / "checkpoints" / "last.ckpt"
+    if stage == "sft" and checkpoint.is_file():
+        checkpoint.unlink()  # a DPO run on the adapter being replaced must not be resumed
+        stale.append(checkpoint)
+    if stale:
+        print(f"[pipeline] {stage}: training it makes {', '.join(map(str, stale))} stale; they will be redone")
 
 
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun | None]]:
     """Run SFT then DPO; return both adapters and the stages trained now, with their TensorBoard runs.
 
     A stage whose final adapter is complete is skipped; one that was interrupted resumes from its
-    last checkpoint (``--force`` starts both afresh). DPO is redone whenever SFT was trained now:
-    a DPO adapter made from an earlier SFT adapter is stale.
+    last checkpoint (``--force`` starts both afresh). What was made from a stage's output is
+    unmarked before the stage trains (:func:`_make_stale`), so it is redone, in this run or the
+    next one.
     """
     from qod_lightning.cli import cli_main
     from qod_lightning.model import free_gpu_memory
 
-    sft, dpo = Path(cfg.work_dir) / "sft" / "final", Path(cfg.work_dir) / "dpo" / "final"
+    work = Path(cfg.work_dir)
+    sft, dpo = work / "sft" / "final", work / "dpo" / "final"
     trained: dict[str, TensorBoardRun | None] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
-        redo = force or bool(trained)  # every stage after a retrained one starts afresh
-        if is_complete(output) and not redo:
+        if is_complete(output) and not force:
             print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
             continue
-        if is_complete(output):
-            print(f"[pipeline] {stage}: {output} was made from the SFT adapter trained before this one, redoing it")
         _report_incomplete(stage, output)
-        last = Path(cfg.work_dir) / stage / "checkpoints" / "last.ckpt"
-        resume = last.is_file() and not redo
-        pairs = Path(cfg.work_dir) / "dpo" / "pairs.jsonl"
+        _make_stale(work, stage)
+        last = work / stage / "checkpoints" / "last.ckpt"
+        resume = last.is_file() and not force
+        pairs = work / "dpo" / "pairs.jsonl"
         if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
             build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
@@ -357,7 +380,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     print(f"[pipeline] base model: {cfg.model}")
     base = resolve_model_path(cfg.model)
     sft, dpo, trained = run_training(cfg, force)
-    run_merge(cfg, dpo, force or "dpo" in trained)  # a merge of an earlier DPO adapter is stale
+    run_merge(cfg, dpo, force)
     reports = run_evaluations(cfg, {"base": base, "sft": str(sft), "dpo": str(dpo)}, force)
     log_evaluations(trained, Path(cfg.work_dir) / "reports")
     out_dir = Path(cfg.work_dir) / "comparison"

@@ -2,8 +2,8 @@
 
 :func:`validate_request` returns a :class:`ValidationReport` with one verdict for each of the seven
 checks (JSON syntax, required fields, field types, hallucinated fields, nesting, QoS profile,
-duration) plus *value* hallucinations: addresses, phone numbers, ports or URLs in the answer that
-the user's request never mentioned.
+duration) plus *value* hallucinations: addresses, phone numbers, ports, URLs or network access
+identifiers in the answer that the user's request never mentioned (whole).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ _IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?!\.?\d)"
 _IPV6_RE = re.compile(r"(?<![0-9A-Za-z:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:/\d{1,3})?")
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{3,}\d")
 _URL_RE = re.compile(r"https?://[^\s\"'<>]+")
-_NAI_RE = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_SENTENCE_PUNCTUATION = ".,;:!?)]}"
+# The lookbehind starts a match only at the start of a name, which keeps the search linear.
+_NAI_RE = re.compile(r"(?<![A-Za-z0-9._+-])[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_AROUND_VALUES = ".,;:!?)]}`*_~"  # sentence punctuation and Markdown, not part of a URL
+_MAX_PHONE_DIGITS = 15  # E.164
 _NUMBER_RE = re.compile(r"(?<![\d.])\d+(?!\.?\d)")
 
 
@@ -64,7 +66,7 @@ class ValidationReport:
         parsed: The extracted JSON object, or ``None`` when none parsed.
         checks: One :class:`CheckResult` per name in :data:`CHECKS`.
         hallucinated_keys: Paths of keys not defined by the spec at their position.
-        hallucinated_values: Values (addresses, phones, ports, URLs) absent from the request;
+        hallucinated_values: Values (addresses, phones, ports, URLs, identifiers) absent from the request;
             empty when no request text was given.
 
     """
@@ -212,12 +214,22 @@ def _phone_digit_runs(text: str) -> set[str]:
 
     A span can run on into a following number ("+44 7700 900123 (2 hours)" gives 447700900123
     and 4477009001232) or start with a prefix the answer drops, so runs of whole groups are
-    kept; a number cut inside a group (4477009001) is not among them.
+    kept; a number cut inside a group (4477009001) is not among them. An international prefix
+    written ``00`` counts as ``+`` (0044 7700 900123 gives 447700900123). Runs stop at
+    15 digits, the most a phone number has, which also keeps long lists of numbers cheap.
     """
     runs: set[str] = set()
     for span in _PHONE_RE.findall(text):
         groups = re.findall(r"\d+", span)
-        runs.update("".join(groups[i:j]) for i in range(len(groups)) for j in range(i + 1, len(groups) + 1))
+        groups[0] = groups[0].removeprefix("00")  # the international prefix: 0044 is +44
+        groups = [group for group in groups if group]
+        for i in range(len(groups)):
+            run = ""
+            for group in groups[i:]:
+                run += group
+                if len(run) > _MAX_PHONE_DIGITS:
+                    break
+                runs.add(run)
     return runs
 
 
@@ -247,8 +259,8 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
     without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub("x", request))
     numbers = {int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6}
     phones = _phone_digit_runs(without_ips) | _phone_digit_runs(request)
-    urls = {url.rstrip(_SENTENCE_PUNCTUATION).rstrip("/") for url in _URL_RE.findall(request)}
-    identifiers = set(_NAI_RE.findall(request))
+    urls = {url.rstrip(_AROUND_VALUES).rstrip("/") for url in _URL_RE.findall(request)}
+    identifiers = {nai.strip(_AROUND_VALUES) for nai in _NAI_RE.findall(request)}
     invented: list[str] = []
     for key, value in _leaves(obj):
         if isinstance(value, bool):

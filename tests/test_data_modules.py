@@ -230,15 +230,24 @@ def test_window_sampler_shards_ranks_with_global_windows():
         assert b0[0][1] == b1[0][1] == total
 
 
-@pytest.mark.parametrize(("examples", "world_size"), [(9, 2), (2, 2), (7, 3), (12, 2)])
+@pytest.mark.parametrize(("examples", "world_size"), [(9, 2), (2, 2), (7, 3), (12, 2), (5, 4)])
 def test_an_evaluation_pass_keeps_every_batch_on_every_rank(examples, world_size):
     # Lightning stops an evaluation loop after len(loader) batches: each rank's length must be
     # its own count, or the first ranks' extra batch is never run (9 pairs, batch 2, 2 ranks).
+    # And no rank may have none (2 pairs, batch 8, 2 ranks): it would skip the epoch-end syncs.
+    batch = 8 if examples < 8 else 2
     samplers = [
-        WindowBatchSampler([1] * examples, 2, shuffle=False, rank=r, world_size=world_size) for r in range(world_size)
+        WindowBatchSampler([1] * examples, batch, shuffle=False, rank=r, world_size=world_size)
+        for r in range(world_size)
     ]
     assert [len(s) for s in samplers] == [len(list(s)) for s in samplers]
+    assert min(len(s) for s in samplers) >= 1
     assert sorted(i for s in samplers for b in s for i, _ in b) == list(range(examples))
+
+
+def test_fewer_evaluation_examples_than_ranks_is_an_error():
+    with pytest.raises(ValueError, match="1 evaluation example"):
+        len(WindowBatchSampler([1], 2, shuffle=False, rank=0, world_size=2))
 
 
 def test_window_sampler_epochs_differ_and_repeat():

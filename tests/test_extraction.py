@@ -43,7 +43,12 @@ def test_a_truncated_answer_holds_no_object():
     cut = full[: full.index('"qosProfile"') + 8]  # ...}},"qosProf
     assert extract_json(full) is not None
     assert extract_json(cut) is None  # not its complete inner {"publicAddress": ...}
-    assert extract_json("Use { to open: " + COMPACT) is None  # a "{" that never closes encloses the rest
+    assert extract_json('{"note": "' + COMPACT) is None  # a candidate that never closes encloses the rest
+
+
+@pytest.mark.parametrize("prose", ["Sure :-{ here: ", "Use { to open an object: ", "{x} and {'a': 1} then "])
+def test_a_brace_that_cannot_start_an_object_does_not_hide_the_answer(prose):
+    assert extract_json(prose + COMPACT) == BODY
 
 
 def test_an_object_that_repeats_a_key_does_not_parse():
@@ -87,10 +92,11 @@ def test_find_json_object_reports_the_source_span():
 
 def test_hostile_text_stays_cheap():
     assert extract_json("{" * 100_000) is None
-    assert extract_json("{x}" * 100_000) is None
+    assert extract_json('{"x"}' * 100_000) is None
+    assert extract_json('{"' * 100_000) is None
     # Only the first MAX_ATTEMPTS candidate objects are tried.
-    assert extract_json("{x}" * MAX_ATTEMPTS + COMPACT) is None
-    assert extract_json("{x}" * (MAX_ATTEMPTS - 1) + COMPACT) == BODY
+    assert extract_json('{"x"}' * MAX_ATTEMPTS + COMPACT) is None
+    assert extract_json('{"x"}' * (MAX_ATTEMPTS - 1) + COMPACT) == BODY
 
 
 def test_deep_nesting_does_not_raise():

@@ -1,6 +1,7 @@
 """SFT and DPO LightningModules on the tiny Phi-3: what changes, what must not, and the math."""
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -152,11 +153,16 @@ def test_dpo_keeps_its_best_adapter_and_tests_against_the_starting_policy(tiny_m
     assert trained.best_val_loss < math.log(2)
     [result] = trainer(tmp_path).test(trained, data(pairs))
     assert result["test/loss"] < math.log(2) and result["test/rewards/margins"] > 0
+    # Other pairs, as many: their reference was never scored (index-aligned, it would look fine).
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(pairs).read_text().replace("QOS_HIGH", "QOS_LOW_LATENCY"))
+    with pytest.raises(RuntimeError, match="scored on other test pairs"):
+        trainer(tmp_path).test(trained, data(str(other)))
 
     # Without them, the trained policy cannot stand in for its own reference.
     blind = dpo()
     trainer(tmp_path, max_steps=2).fit(blind, data(None))
-    with pytest.raises(RuntimeError, match="no reference log-probs for the test pairs"):
+    with pytest.raises(RuntimeError, match="scored on no test pairs"):
         trainer(tmp_path).test(blind, data(pairs))
 
 

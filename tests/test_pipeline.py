@@ -215,23 +215,37 @@ def test_a_count_below_one_is_refused_on_the_command_line(capsys, value):
     assert "--max-eval-samples: must be >= 1" in capsys.readouterr().err
 
 
-def test_dpo_is_redone_after_sft_is_retrained(tmp_path, monkeypatch, capsys):
+def test_what_was_made_from_a_retrained_stage_is_redone_even_after_a_crash(tmp_path, monkeypatch, capsys):
     import qod_lightning.cli
     from qod_lightning.artifacts import COMPLETE_MARKER
     from qod_lightning.pipeline import PipelineConfig, run_training
 
+    # An earlier run left a DPO adapter, a DPO checkpoint and a merged model; SFT is retrained now.
+    for path in ("dpo/final", "dpo/checkpoints", "merged"):
+        (tmp_path / path).mkdir(parents=True)
+    for path in ("dpo/final", "merged"):
+        (tmp_path / path / COMPLETE_MARKER).write_text("")
+    (tmp_path / "dpo/checkpoints/last.ckpt").write_bytes(b"")
+    cfg = PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path))
+
+    def crash_in_dpo(args):
+        if f"--model.init_args.output_dir={tmp_path / 'dpo'}" in args:
+            raise RuntimeError("power cut")
+        return fitted(args)
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", crash_in_dpo)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_training(cfg, force=False)
+    assert not is_complete(tmp_path / "dpo/final") and not is_complete(tmp_path / "merged")
+    assert not (tmp_path / "dpo/checkpoints/last.ckpt").exists()
+    assert "sft: training it makes" in capsys.readouterr().out
+    # The next run finds SFT complete, and redoes DPO from scratch instead of skipping it.
+    (tmp_path / "sft/final").mkdir(parents=True)
+    (tmp_path / "sft/final" / COMPLETE_MARKER).write_text("")
     calls = []
     monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args) or fitted(args))
-    for path in ("dpo/final", "dpo/checkpoints"):
-        (tmp_path / path).mkdir(parents=True)
-    (tmp_path / "dpo/final" / COMPLETE_MARKER).write_text("")
-    (tmp_path / "dpo/checkpoints/last.ckpt").write_bytes(b"")
-    _, _, trained = run_training(
-        PipelineConfig(model="m", sft_config="s", dpo_config="d", work_dir=str(tmp_path)), False
-    )
-    assert list(trained) == ["sft", "dpo"]
-    assert "--ckpt_path=last" not in calls[1]  # not resumed from a run on the old SFT adapter either
-    assert "dpo/final was made from the SFT adapter trained before this one, redoing it" in capsys.readouterr().out
+    _, _, trained = run_training(cfg, force=False)
+    assert list(trained) == ["dpo"] and "--ckpt_path=last" not in calls[0]
 
 
 def test_a_report_is_redone_when_its_model_data_or_settings_change(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -236,6 +237,7 @@ def test_a_network_must_match_address_and_mask():
         "call +44-7700-900123 now",
         "call +447700900123 now",
         "phone +44 7700 900123 (2 hours)",  # the phone-like span runs on into the duration
+        "call 0044 7700 900123 now",  # 00 for +
     ],
 )
 def test_a_phone_number_may_be_written_with_separators(request_text):
@@ -282,6 +284,19 @@ def test_a_phone_number_cut_inside_a_digit_group_is_not_the_requested_one(answer
 )
 def test_urls_and_identifiers_must_occur_whole(request_text, body, found):
     assert value_hallucinations(body, request_text) == found
+
+
+def test_markdown_around_a_url_or_identifier_is_not_part_of_it():
+    body = {"webhook": {"notificationUrl": "https://ex.com/cb"}, "device": {"networkAccessIdentifier": "bob@ex.org"}}
+    assert value_hallucinations(body, "notify `https://ex.com/cb`, user **bob@ex.org**") == []
+
+
+def test_long_lists_of_numbers_stay_cheap():
+    numbers = " ".join(str(1000 + i) for i in range(5000))
+    start = time.perf_counter()
+    found = value_hallucinations({"device": {"phoneNumber": "+10001001"}, "devicePorts": {"ports": [1001]}}, numbers)
+    assert found == []  # 1000 1001 is a run of whole groups, as "+1 000 1001" would be
+    assert time.perf_counter() - start < 5  # every run of every length was ~5 GB for 2,000 numbers
 
 
 def test_ports_must_be_mentioned_outside_addresses():

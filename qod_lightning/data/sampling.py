@@ -102,7 +102,17 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         drop = self.shuffle and self.world_size > 1
         usable = len(order) - len(order) % step if drop else len(order)
         order = order[:usable]
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        size = self.batch_size
+        if not self.shuffle and self.world_size > 1:
+            # Every rank needs a batch: Lightning skips an empty loop with its epoch-end hooks,
+            # whose collectives (metric syncs) would then wait for that rank forever.
+            if 0 < len(order) < self.world_size:
+                raise ValueError(
+                    f"{len(order)} evaluation example(s) for {self.world_size} ranks: a rank would have none, "
+                    "and the others would wait for it forever; give every rank at least one example"
+                )
+            size = max(1, min(size, len(order) // self.world_size))
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         skip = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -65,6 +67,23 @@ def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: b
     return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)
 
 
+def split_digest(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
+    """A digest of a split's encoded examples, in order: a reference cache holds for these only.
+
+    Args:
+        examples: The split's examples (:class:`~qod_lightning.data.base.ExampleDataset`).
+        keys: The token-id keys of each example.
+
+    Returns:
+        A hex digest.
+
+    """
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example[key] for key in keys]).encode())
+    return digest.hexdigest()
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """AdamW at the design's DPO learning rate, for code that builds the module without a config."""
     return torch.optim.AdamW(params, lr=5e-5)
@@ -110,6 +129,7 @@ class DPOModule(AdapterModule):
         super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.reference: dict[str, torch.Tensor] = {}
+        self.reference_digests: dict[str, str] = {}  # split -> split_digest of the pairs scored
         self.val_loss_sum, self.val_pairs = SumMetric(), SumMetric()
         self._policy_trained = False  # by a step of this module's, or in the checkpoint it was loaded from
         trainable, total = count_parameters(self.model)
@@ -153,20 +173,25 @@ class DPOModule(AdapterModule):
         return table
 
     def _ensure_reference(self, split: str) -> None:
-        if split in self.reference:
-            return
         datamodule = self.trainer.datamodule
         dataset = datamodule.split(split)
         if dataset is None or len(dataset) == 0:
             return
+        digest = split_digest(dataset.examples, datamodule.encoded_keys)
+        # A cache from a checkpoint is only good for the pairs it was scored on (older
+        # checkpoints hold no digest: taken as they are).
+        if split in self.reference and self.reference_digests.get(split, digest) == digest:
+            return
         if self._policy_trained:
-            # The policy has been trained: scoring it now would compare it with itself.
+            # Scoring the trained policy now would compare it with itself.
+            what = "other" if split in self.reference else "no"
             raise RuntimeError(
-                f"no reference log-probs for the {split} pairs: they were not part of the data when this "
-                f"policy's training started (step 0), and the trained policy is no reference. Give the "
-                f"data module this {split} data when fitting, or {split} the untrained SFT adapter."
+                f"the reference log-probs were scored on {what} {split} pairs when this policy's training "
+                f"started (step 0), and the trained policy is no reference. Give the data module these {split} "
+                f"pairs when fitting (or, to resume, the ones it had then), or {split} the untrained SFT adapter."
             )
         self.reference[split] = self.compute_reference(datamodule.ordered_dataloader(split), split)
+        self.reference_digests[split] = digest
 
     def on_fit_start(self) -> None:
         """Cache reference log-probs for every split's pairs before any update."""
@@ -185,11 +210,13 @@ class DPOModule(AdapterModule):
         """Also store the reference cache, so a resumed run does not recompute it from a trained policy."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["dpo_reference"] = self.reference
+        checkpoint["dpo_reference_digests"] = self.reference_digests
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the reference cache of the interrupted run."""
         super().on_load_checkpoint(checkpoint)
         self.reference = checkpoint.get("dpo_reference", {})
+        self.reference_digests = checkpoint.get("dpo_reference_digests", {})
         self._policy_trained = checkpoint.get("global_step", 0) > 0
 
     # -- steps -----------------------------------------------------------------------------------
