@@ -86,12 +86,12 @@ class PredictionVerdict:
         }
 
 
-def _json_equal(a: Any, b: Any) -> bool:
+def json_equal(a: Any, b: Any) -> bool:
     """Deep JSON equality: key order ignored, and unlike Python's ``==``, ``true != 1 != 1.0``."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+        return a.keys() == b.keys() and all(json_equal(a[key], b[key]) for key in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (bool, int, float)) or isinstance(b, (bool, int, float)):
         return type(a) is type(b) and a == b  # 7200.0 is not the integer the contract asks for
     return a == b
@@ -113,7 +113,7 @@ def judge_prediction(prediction: str, request: str, expected: Mapping[str, Any])
     parsed = report.parsed
     fields_expected = tuple(key in expected for key in TOP_LEVEL_KEYS)
     fields_correct = tuple(
-        parsed is not None and key in expected and key in parsed and _json_equal(parsed[key], expected[key])
+        parsed is not None and key in expected and key in parsed and json_equal(parsed[key], expected[key])
         for key in TOP_LEVEL_KEYS
     )
     if parsed is None:
@@ -125,7 +125,7 @@ def judge_prediction(prediction: str, request: str, expected: Mapping[str, Any])
         parses=parsed is not None,
         valid=report.valid,
         hallucinated=report.hallucinated,
-        exact=parsed is not None and _json_equal(parsed, dict(expected)),
+        exact=parsed is not None and json_equal(parsed, dict(expected)),
         fields_correct=fields_correct,
         fields_expected=fields_expected,
         errors=errors,

@@ -47,6 +47,10 @@ class PipelineConfig:
         on_policy_pairs: Train DPO on pairs whose rejected answers are the SFT model's own wrong
             answers to their prompts (:mod:`~qod_lightning.data.on_policy`), written to
             ``work_dir/dpo/pairs.jsonl``; ``False``: the preference file as it is.
+        on_policy_rejected: What a wrong answer rejects, with ``on_policy_pairs``: ``answer``,
+            the whole answer (one pair per prompt), or ``fields``, one pair per wrong top-level
+            field whose rejected answer is the chosen one with only that field as the model wrote
+            it (:func:`~qod_lightning.data.on_policy.field_edit_pairs`).
         fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``).
     """
 
@@ -63,9 +67,12 @@ class PipelineConfig:
     eval_batch_size: int = 16
     eval_workers: int = 1
     on_policy_pairs: bool = False
+    on_policy_rejected: str = "answer"
     fit_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.on_policy_rejected not in ("answer", "fields"):
+            raise ValueError(f"on_policy_rejected must be 'answer' or 'fields', got {self.on_policy_rejected!r}")
         counts = {
             "max_eval_samples": self.max_eval_samples,
             "max_new_tokens": self.max_new_tokens,
@@ -109,14 +116,16 @@ def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) 
 
     The SFT adapter answers every prompt of the preference file (``dpo_train_file``, else the DPO
     config's ``data.init_args.train_file``) greedily, with the evaluation's settings; a wrong
-    answer becomes the pair's rejected one (:func:`~qod_lightning.data.on_policy.on_policy_pairs`).
+    answer becomes the pair's rejected one (:func:`~qod_lightning.data.on_policy.on_policy_pairs`),
+    or each of its wrong fields one pair's (:func:`~qod_lightning.data.on_policy.field_edit_pairs`),
+    as ``cfg.on_policy_rejected`` says.
 
     Returns:
         ``output``, written atomically.
     """
     from qod_lightning.artifacts import atomic_write_text
     from qod_lightning.data.jsonl import read_jsonl
-    from qod_lightning.data.on_policy import on_policy_pairs
+    from qod_lightning.data.on_policy import field_edit_pairs, on_policy_pairs
     from qod_lightning.data.preference import PREFERENCE_RECORD
     from qod_lightning.generation import generate, load_for_inference
     from qod_lightning.model import free_gpu_memory, resolve_prompt_format
@@ -136,11 +145,19 @@ def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) 
     )
     del model
     free_gpu_memory()
-    pairs, replaced = on_policy_pairs(records, answers)
+    if cfg.on_policy_rejected == "fields":
+        pairs, edited = field_edit_pairs(records, answers)
+        what = (
+            f"{edited} of {len(pairs)} pairs reject one wrong field of the SFT adapter's answers "
+            f"to the {len(records)} prompts"
+        )
+    else:
+        pairs, replaced = on_policy_pairs(records, answers)
+        what = f"the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} pairs"
     atomic_write_text(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     print(
-        f"[pipeline] dpo pairs: the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} "
-        f"pairs of {source} (the others keep the file's); {output} in {time.perf_counter() - start:.0f} s"
+        f"[pipeline] dpo pairs: {what} of {source} (the others keep the file's); "
+        f"{output} in {time.perf_counter() - start:.0f} s"
     )
     return output
 

@@ -308,3 +308,41 @@ def test_on_policy_pairs_take_the_sft_adapters_wrong_answers(tmp_path, monkeypat
     assert [p["rejected"] for p in pairs] == [records[0]["rejected"]] + ['{"qosProfile": "QOS_E"}'] * (len(records) - 1)
     assert [(p["prompt"], p["chosen"]) for p in pairs] == [(r["prompt"], r["chosen"]) for r in records]
     assert f"own answer is the rejected one in {len(records) - 1} of {len(records)} pairs" in capsys.readouterr().out
+
+
+def test_on_policy_pairs_can_reject_one_wrong_field_at_a_time(tmp_path, monkeypatch, capsys, small_data):
+    import qod_lightning.cli
+    import qod_lightning.generation
+    from qod_lightning.data.prompts import dump_request
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", fitted)
+    monkeypatch.setattr(qod_lightning.generation, "load_for_inference", lambda path: (None, None))
+    records = [json.loads(line) for line in small_data["preferences"].read_text().splitlines()]
+    expected = [json.loads(r["chosen"]) for r in records]
+    # Right on the first pair; a wrong profile and no duration on the others.
+    answers = [records[0]["chosen"]] + [
+        json.dumps({k: ("QOS_X" if k == "qosProfile" else v) for k, v in e.items() if k != "duration"})
+        for e in expected[1:]
+    ]
+    monkeypatch.setattr(qod_lightning.generation, "generate", lambda model, tokenizer, prompts, **options: answers)
+    cfg = PipelineConfig(
+        model="m", sft_config="s", dpo_config="d", dpo_train_file=str(small_data["preferences"]), work_dir=str(tmp_path)
+    )
+    cfg.on_policy_pairs, cfg.on_policy_rejected = True, "fields"
+    run_training(cfg, force=False)
+    pairs = [json.loads(line) for line in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    edits = [
+        dump_request(edit)
+        for e in expected[1:]
+        for edit in ({**e, "qosProfile": "QOS_X"}, {k: v for k, v in e.items() if k != "duration"})
+    ]
+    assert [p["rejected"] for p in pairs] == [records[0]["rejected"], *edits]
+    assert f"{len(edits)} of {len(edits) + 1} pairs reject one wrong field" in capsys.readouterr().out
+
+
+def test_on_policy_rejected_is_answer_or_fields():
+    from qod_lightning.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="on_policy_rejected must be 'answer' or 'fields', got 'field'"):
+        PipelineConfig(on_policy_rejected="field")

@@ -5,14 +5,20 @@ a dropped duration...); the SFT model makes its own, which DPO can only push dow
 them. For each pair, the SFT model's greedy answer to its prompt replaces the rejected answer
 when it is wrong; when it is right (the same request as the chosen answer), or empty, the pair
 keeps its generated rejected answer, so every prompt still teaches something.
+
+:func:`field_edit_pairs` makes the same mistakes into narrower pairs: one per wrong top-level
+field, whose rejected answer is the chosen one with only that field as the model wrote it. DPO's
+loss compares the two answers' log-ratios, so the tokens before the edit cancel and the gradient
+falls on the mistake, not on the parts of the model's answer that were right.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from qod_lightning.data.prompts import dump_request
 from qod_lightning.extraction import extract_json
-from qod_lightning.metrics import judge_prediction
+from qod_lightning.metrics import json_equal, judge_prediction
 
 
 def on_policy_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, str]], int]:
@@ -31,8 +37,7 @@ def on_policy_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[
         ValueError: When there is not one answer per record.
 
     """
-    if len(answers) != len(records):
-        raise ValueError(f"{len(answers)} answers for {len(records)} preference pairs")
+    _check_one_answer_each(records, answers)
     pairs, replaced = [], 0
     for record, answer in zip(records, answers, strict=True):
         expected = extract_json(record["chosen"])  # None: a broken chosen answer, nothing to judge by
@@ -45,3 +50,81 @@ def on_policy_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[
         replaced += wrong
         pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": rejected})
     return pairs, replaced
+
+
+def field_edits(expected: dict[str, Any], answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The expected request with one of the answer's top-level mistakes put in, for each mistake.
+
+    A mistake is a key whose value differs from the expected one (the answer's value goes in), a
+    key the answer leaves out (it is left out), or a key the answer adds (it goes in after the
+    expected keys that precede it in the answer). Keys keep the expected order.
+
+    Args:
+        expected: The right request.
+        answer: The model's parsed answer.
+
+    Returns:
+        One edited copy of ``expected`` per mistake, in the order of ``expected``'s keys and then
+        the added keys in the answer's order; empty when the answer is right.
+
+    """
+    edits = []
+    for key, value in expected.items():
+        if key not in answer:
+            edits.append({k: v for k, v in expected.items() if k != key})
+        elif not json_equal(answer[key], value):
+            edits.append({**expected, key: answer[key]})
+    answer_keys = list(answer)
+    for position, key in enumerate(answer_keys):
+        if key in expected:
+            continue
+        before = {k for k in answer_keys[:position] if k in expected}
+        items = list(expected.items())
+        cut = max((i + 1 for i, (k, _) in enumerate(items) if k in before), default=0)
+        edits.append(dict([*items[:cut], (key, answer[key]), *items[cut:]]))
+    return edits
+
+
+def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, str]], int]:
+    """Preference pairs that each reject one field of the model's wrong answer to their prompt.
+
+    For a prompt whose answer parses but is wrong, one pair per mistake (:func:`field_edits`):
+    the chosen answer is the expected request and the rejected one is that request with the
+    mistake put in, both written the canonical way (:func:`~qod_lightning.data.prompts.dump_request`)
+    so they share every token up to the edit. An answer with no JSON object is rejected whole; a
+    right or empty answer, or a pair whose ``chosen`` holds no JSON object, keeps the file's pair.
+
+    Args:
+        records: ``{"prompt", "chosen", "rejected"}`` pairs (other keys are dropped).
+        answers: The model's answer to each record's prompt, in order.
+
+    Returns:
+        ``(pairs, edited)``: the new pairs, grouped by prompt in the records' order, and how many
+        of them are field edits.
+
+    Raises:
+        ValueError: When there is not one answer per record.
+
+    """
+    _check_one_answer_each(records, answers)
+    pairs, edited = [], 0
+    for record, answer in zip(records, answers, strict=True):
+        expected, parsed = extract_json(record["chosen"]), extract_json(answer)
+        keep = {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
+        if expected is None or not answer.strip():
+            pairs.append(keep)
+        elif parsed is None:
+            pairs.append({**keep, "rejected": answer.strip()})
+        else:
+            edits = field_edits(expected, parsed)
+            chosen = dump_request(expected)
+            pairs += [{"prompt": record["prompt"], "chosen": chosen, "rejected": dump_request(e)} for e in edits]
+            edited += len(edits)
+            if not edits:
+                pairs.append(keep)
+    return pairs, edited
+
+
+def _check_one_answer_each(records: list[dict[str, Any]], answers: list[str]) -> None:
+    if len(answers) != len(records):
+        raise ValueError(f"{len(answers)} answers for {len(records)} preference pairs")
