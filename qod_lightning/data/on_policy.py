@@ -74,12 +74,11 @@ def field_edits(expected: dict[str, Any], answer: dict[str, Any]) -> list[dict[s
             edits.append({k: v for k, v in expected.items() if k != key})
         elif not json_equal(answer[key], value):
             edits.append({**expected, key: answer[key]})
-    answer_keys = list(answer)
+    items, answer_keys = list(expected.items()), list(answer)
     for position, key in enumerate(answer_keys):
         if key in expected:
             continue
-        before = {k for k in answer_keys[:position] if k in expected}
-        items = list(expected.items())
+        before = set(answer_keys[:position])
         cut = max((i + 1 for i, (k, _) in enumerate(items) if k in before), default=0)
         edits.append(dict([*items[:cut], (key, answer[key]), *items[cut:]]))
     return edits
