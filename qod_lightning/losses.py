@@ -42,3 +42,22 @@ def dpo_loss(
     logits = beta * (chosen_ratio - rejected_ratio)  # beta * D
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of each chosen answer, the term RPO adds to DPO.
+
+    Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3:
+    ``L = L_DPO + alpha * (-log pi(y_w | x) / |y_w|)``. It keeps the policy writing the chosen
+    answers, which pure DPO may lower along with the rejected ones as long as the margin grows.
+
+    Args:
+        policy_chosen_logps: (B,) summed policy log-probs of the chosen answers.
+        chosen_tokens: (B,) numbers of tokens in those answers (an empty answer counts as one, so
+            its zero log-prob gives a zero term, not NaN).
+
+    Returns:
+        (B,) mean negative log-probability per token of each chosen answer.
+
+    """
+    return -policy_chosen_logps / chosen_tokens.clamp(min=1).to(policy_chosen_logps.dtype)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qod_lightning.losses import dpo_loss
+from qod_lightning.losses import chosen_nll, dpo_loss
 
 
 def reference_dpo(pc, pr, rc, rr, beta, eps):
@@ -78,3 +78,9 @@ def test_rejects_bad_smoothing():
     x = torch.zeros(1)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.5)
+
+
+def test_chosen_nll_is_the_per_token_mean_and_an_empty_answer_gives_zero():
+    logps = torch.tensor([-6.0, -3.0, 0.0], dtype=torch.float64)
+    tokens = torch.tensor([3, 1, 0])
+    torch.testing.assert_close(chosen_nll(logps, tokens), torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64))

@@ -305,3 +305,22 @@ def test_setup_turns_off_cudnn_attention_on_a_gpu_only(tiny_model_dir, monkeypat
         module._trainer = SimpleNamespace(strategy=strategy, is_global_zero=False)
         module.setup("fit")
     assert calls == [False]
+
+
+def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(tiny_model_dir, small_data, tmp_path):
+    """RPO: at step 0 (policy = reference) each pair's loss is log 2 + alpha * NLL per chosen token."""
+    settings = _sft_adapter(tiny_model_dir, small_data, tmp_path)
+    dm = PreferenceDataModule(str(tiny_model_dir), str(small_data["preferences"]), val_fraction=0.5, batch_size=4)
+    dpo = DPOModule(settings, nll_weight=0.5)
+    logged = trainer(tmp_path).validate(dpo, dm)[0]
+    batch = dm.collate(dm.val_set.examples)
+    dpo.model.eval()
+    with torch.no_grad():
+        logits = dpo.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logps, counts = sequence_logps(logits, batch["labels"])  # the two-row layout, full logits, float64
+    n = len(dm.val_set.examples)
+    nll = (-logps[:n] / counts[:n]).mean().item()
+    assert logged["val/nll/chosen"] == pytest.approx(nll, rel=1e-4)
+    assert logged["val/loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+    with pytest.raises(ValueError):
+        DPOModule(settings, nll_weight=-1.0)

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 from tqdm.auto import tqdm
 
+from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
-from qod_lightning.losses import dpo_loss
+from qod_lightning.losses import chosen_nll, dpo_loss
 from qod_lightning.model import ModelSettings, count_parameters
 from qod_lightning.modules.common import AdapterModule, batch_logps, has_plain_lm_head
 
@@ -67,6 +68,12 @@ def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: b
     return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)
 
 
+def chosen_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) number of answer tokens in each chosen answer of a preference batch (rows ``[:B]``)."""
+    chosen_labels = batch["labels"][: batch["labels"].size(0) // 2, 1:]  # (B, T-1): targets, as scored
+    return (chosen_labels != IGNORE_INDEX).sum(-1)
+
+
 def split_digest(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
     """A digest of a split's encoded examples, in order: a reference cache holds for these only.
 
@@ -111,6 +118,8 @@ class DPOModule(AdapterModule):
         skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
         share_prompt: Score each pair as one packed row, so its prompt runs through the model once
             instead of twice (:func:`pair_logps`; same numbers, fewer tokens).
+        nll_weight: Weight ``alpha`` of the chosen answers' per-token NLL added to each pair's DPO
+            loss (RPO, :func:`~qod_lightning.losses.chosen_nll`); 0 is plain DPO.
     """
 
     def __init__(
@@ -123,9 +132,12 @@ class DPOModule(AdapterModule):
         output_dir: str = "artifacts/dpo",
         skip_nonfinite: bool = False,
         share_prompt: bool = True,
+        nll_weight: float = 0.0,
     ) -> None:
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
+        if nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.reference: dict[str, torch.Tensor] = {}
@@ -229,6 +241,9 @@ class DPOModule(AdapterModule):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], self.hparams.beta, self.hparams.label_smoothing
         )
+        nll = chosen_nll(policy_chosen, chosen_tokens(batch))  # (B,)
+        if self.hparams.nll_weight > 0:
+            losses = losses + self.hparams.nll_weight * nll
         if stage == "train":
             # Exact mean over the optimizer step's pairs (see WindowBatchSampler).
             scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -248,6 +263,7 @@ class DPOModule(AdapterModule):
             f"{stage}/rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             f"{stage}/logps/chosen": policy_chosen.detach().mean(),
             f"{stage}/logps/rejected": policy_rejected.detach().mean(),
+            f"{stage}/nll/chosen": nll.detach().mean(),
         }
         self.log_dict(metrics, batch_size=n, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         return loss
