@@ -212,6 +212,19 @@ def _make_stale(work: Path, stage: str) -> None:
         print(f"[pipeline] {stage}: training it makes {', '.join(map(str, stale))} stale; they will be redone")
 
 
+def _clear_checkpoints(directory: Path) -> None:
+    """Delete a stage's checkpoints before it trains afresh.
+
+    Lightning does not overwrite a ``last.ckpt`` it finds there: it writes ``last-v1.ckpt``. The
+    old file would stay, and a later resume of this run (``last.ckpt``) would load the old run.
+    """
+    old = sorted(directory.glob("*.ckpt"))
+    for path in old:
+        path.unlink()
+    if old:
+        print(f"[pipeline] removed {len(old)} checkpoint(s) of an earlier run from {directory}")
+
+
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun | None]]:
     """Run SFT then DPO; return both adapters and the stages trained now, with their TensorBoard runs.
 
@@ -234,6 +247,8 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
         _make_stale(work, stage)
         last = work / stage / "checkpoints" / "last.ckpt"
         resume = last.is_file() and not force
+        if not resume:
+            _clear_checkpoints(last.parent)
         pairs = work / "dpo" / "pairs.jsonl"
         if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
             build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with

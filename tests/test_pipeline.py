@@ -153,6 +153,30 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert f"--trainer.callbacks.dirpath={tmp_path / 'sft' / 'checkpoints'}" in sft
 
 
+def test_a_stage_trained_afresh_leaves_no_checkpoint_of_an_earlier_run(tmp_path, monkeypatch, capsys):
+    """Lightning writes last-v1.ckpt beside an old last.ckpt; the old one must not be resumed later."""
+    import qod_lightning.cli
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    seen = []
+
+    def fit(args):
+        seen.append(sorted(p.name for p in checkpoints.glob("*.ckpt")))
+        (checkpoints / "last.ckpt").write_bytes(b"new")  # what this run's ModelCheckpoint writes
+        return fitted(args)
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", fit)
+    cfg = PipelineConfig(model="m", sft_config="s.yaml", dpo_config="d.yaml", work_dir=str(tmp_path))
+    checkpoints.mkdir(parents=True)
+    for name in ("last.ckpt", "last-v1.ckpt"):
+        (checkpoints / name).write_bytes(b"old")
+    run_training(cfg, force=True)
+    assert seen[0] == []  # SFT started with no old checkpoint
+    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert (checkpoints / "last.ckpt").read_bytes() == b"new"
+
+
 def test_each_training_stage_frees_its_model_before_the_next(tiny_model_dir, small_data, tmp_path, monkeypatch):
     # On a GPU, KeepOnDeviceStrategy leaves a finished stage's model there; a trainer and its
     # module refer to each other, so only the cycle collector frees them.
