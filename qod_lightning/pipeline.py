@@ -225,14 +225,69 @@ def _clear_checkpoints(directory: Path) -> None:
         print(f"[pipeline] removed {len(old)} checkpoint(s) of an earlier run from {directory}")
 
 
+def _files_fingerprint(root: Path) -> list[tuple[str, int, int]]:
+    """Path, size and modification time of every file under ``root`` (empty if it is no directory).
+
+    A retrained adapter is a new file; hashing a base model's weights would cost seconds per run.
+    """
+    if not root.is_dir():
+        return []
+    return sorted(
+        (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()
+    )
+
+
+def _file_digests(values: list[str]) -> dict[str, str]:
+    """The SHA-256 of each of ``values`` that names a file (an option's ``--key=value`` counts by value)."""
+    digests = {}
+    for value in values:
+        path = Path(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
+        if path.is_file():
+            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def _config_data_files(config: str) -> list[str]:
+    """The string values of a stage config's ``data.init_args`` (its data files among them)."""
+    try:
+        init_args = yaml.safe_load(Path(config).read_text(encoding="utf-8"))["data"]["init_args"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    return [value for value in init_args.values() if isinstance(value, str)] if isinstance(init_args, dict) else []
+
+
+def _training_stamp(cfg: PipelineConfig, stage: str, args: list[str]) -> str:
+    """A digest of what a training stage's adapter depends on.
+
+    Its ``fit`` arguments (the pipeline's and ``fit_args``), the contents of every file they name
+    (the stage config, data given on the command line) and of the config's data files, the
+    starting adapter's files, and for DPO the on-policy settings. Code is not in it: after
+    changing the code, ``--force``.
+    """
+    config = args[args.index("--config") + 1]
+    adapter = next((a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.model.adapter_path=")), None)
+    on_policy = stage == "dpo" and cfg.on_policy_pairs
+    sources = [cfg.dpo_train_file] if on_policy and cfg.dpo_train_file else []  # what the pairs are made from
+    what: dict[str, Any] = {
+        "args": args,
+        "files": _file_digests([*args, *_config_data_files(config), *sources]),
+        "adapter": _files_fingerprint(Path(adapter)) if adapter else None,
+        "on_policy": [cfg.on_policy_rejected, cfg.max_new_tokens] if on_policy else None,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun | None]]:
     """Run SFT then DPO; return both adapters and the stages trained now, with their TensorBoard runs.
 
-    A stage whose final adapter is complete is skipped; one that was interrupted resumes from its
-    last checkpoint (``--force`` starts both afresh). What was made from a stage's output is
+    A stage whose final adapter is complete is skipped, unless its stamp (``final.inputs``,
+    :func:`_training_stamp`) says it was trained from other inputs; one that was interrupted
+    resumes from its last checkpoint if that run had the same inputs (``--force`` starts both
+    afresh). What was made from a stage's output is
     unmarked before the stage trains (:func:`_make_stale`), so it is redone, in this run or the
     next one.
     """
+    from qod_lightning.artifacts import atomic_write_text
     from qod_lightning.cli import cli_main
     from qod_lightning.model import free_gpu_memory
 
@@ -240,21 +295,38 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
     sft, dpo = work / "sft" / "final", work / "dpo" / "final"
     trained: dict[str, TensorBoardRun | None] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
+        args = _stage_args(cfg, config, stage, adapter, resume=False)
+        stamp, done_stamp = _training_stamp(cfg, stage, args), _stamp_path(output)
         if is_complete(output) and not force:
-            print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
-            continue
+            if not done_stamp.is_file():
+                print(
+                    f"[pipeline] {stage}: {output} is complete, skipping (no record of its inputs; --force redoes it)"
+                )
+                continue
+            if done_stamp.read_text(encoding="utf-8") == stamp:
+                print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
+                continue
+            print(f"[pipeline] {stage}: {output} was trained from another config, data or settings, redoing it")
         _report_incomplete(stage, output)
         _make_stale(work, stage)
         last = work / stage / "checkpoints" / "last.ckpt"
-        resume = last.is_file() and not force
+        started = last.parent / "inputs"  # the stamp of the run the checkpoints belong to
+        # Checkpoints with no stamp predate stamps: resumed, as before.
+        same = not started.is_file() or started.read_text(encoding="utf-8") == stamp
+        resume = last.is_file() and not force and same
+        if last.is_file() and not force and not resume:
+            print(f"[pipeline] {stage}: {last} is from a run with other inputs, starting afresh")
         if not resume:
             _clear_checkpoints(last.parent)
         pairs = work / "dpo" / "pairs.jsonl"
         if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
             build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
+            stamp = _training_stamp(cfg, stage, args)  # with the new pairs
+        atomic_write_text(started, stamp)
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
         trained[stage] = _tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)))
+        atomic_write_text(done_stamp, stamp)  # after the adapter: a run stopped in between redoes it
         free_gpu_memory()  # the finished stage's model may still be on the GPU (KeepOnDeviceStrategy)
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
     return sft, dpo, trained
@@ -307,20 +379,11 @@ def log_evaluations(runs: dict[str, TensorBoardRun | None], reports_dir: Path, t
 def _inputs_stamp(model: str, cfg: PipelineConfig, constrained: bool) -> str:
     """A digest of what an evaluation report depends on: the model's files, the data, the settings.
 
-    Model files count by path, size and modification time (a retrained adapter is a new file);
-    hashing a base model's weights would cost seconds on every run.
+    Model files count by path, size and modification time (:func:`_files_fingerprint`).
     """
-    root = Path(model)
-    files = (
-        sorted(
-            (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()
-        )
-        if root.is_dir()
-        else []
-    )
     what = {
         "model": model,
-        "files": files,
+        "files": _files_fingerprint(Path(model)),
         "data": hashlib.sha256(Path(cfg.eval_file).read_bytes()).hexdigest(),
         "constrained": constrained,
         "max_eval_samples": cfg.max_eval_samples,

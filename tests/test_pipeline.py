@@ -177,6 +177,88 @@ def test_a_stage_trained_afresh_leaves_no_checkpoint_of_an_earlier_run(tmp_path,
     assert (checkpoints / "last.ckpt").read_bytes() == b"new"
 
 
+def _fake_fit(made: list[str]):
+    """A ``cli_main`` that writes a complete adapter with new contents, and records the stage."""
+    from qod_lightning.artifacts import COMPLETE_MARKER
+
+    def fit(args):
+        out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.output_dir=")))
+        made.append(out.name + (" (resumed)" if "--ckpt_path=last" in args else ""))
+        (out / "final").mkdir(parents=True, exist_ok=True)
+        (out / "final" / "adapter_model.safetensors").write_text(str(len(made)) * len(made))
+        (out / "final" / COMPLETE_MARKER).write_text("")
+        return fitted(args)
+
+    return fit
+
+
+def test_a_trained_stage_is_redone_when_its_config_data_or_settings_change(tmp_path, monkeypatch, capsys):
+    import qod_lightning.cli
+    import qod_lightning.pipeline as pipeline
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    made: list[str] = []
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", _fake_fit(made))
+    monkeypatch.setattr(pipeline, "build_on_policy_pairs", lambda cfg, sft, out: out.write_text("pairs\n") or out)
+    data = {name: tmp_path / f"{name}.jsonl" for name in ("sft", "pref")}
+    for name, path in data.items():
+        path.write_text(f"{name} records\n")
+    configs = {}
+    for name in data:
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({"data": {"init_args": {"train_file": str(data[name])}}}))
+    cfg = PipelineConfig(sft_config=str(configs["sft"]), dpo_config=str(configs["pref"]), work_dir=str(tmp_path / "w"))
+
+    def train(**changes):
+        made.clear()
+        run_training(PipelineConfig(**{**cfg.__dict__, **changes}), force=False)
+        return list(made)
+
+    assert train() == ["sft", "dpo"]
+    assert train() == []
+    data["pref"].write_text("other pairs\n")  # the DPO config's data
+    assert train() == ["dpo"]
+    assert "dpo: w/dpo/final was trained from another config" in capsys.readouterr().out.replace(
+        str(tmp_path) + "/", ""
+    )
+    configs["sft"].write_text(configs["sft"].read_text() + "# an edit\n")  # SFT, so DPO from the new adapter
+    assert train() == ["sft", "dpo"]
+    assert train(fit_args=["--trainer.max_steps=2"]) == ["sft", "dpo"]
+    assert train(fit_args=["--trainer.max_steps=2"], on_policy_pairs=True) == ["dpo"]
+    assert train(fit_args=["--trainer.max_steps=2"], on_policy_pairs=True, on_policy_rejected="fields") == ["dpo"]
+    assert train(fit_args=["--trainer.max_steps=2"], on_policy_pairs=True, on_policy_rejected="fields") == []
+
+
+def test_an_interrupted_stage_resumes_only_a_run_with_the_same_inputs(tmp_path, monkeypatch, capsys):
+    import qod_lightning.cli
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    made: list[str] = []
+    cfg = PipelineConfig(model="m", sft_config="s.yaml", dpo_config="d.yaml", work_dir=str(tmp_path))
+    checkpoints = tmp_path / "sft" / "checkpoints"
+
+    def crash(args):
+        checkpoints.joinpath("last.ckpt").write_bytes(b"step 40")
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", crash)
+    with pytest.raises(RuntimeError):
+        run_training(cfg, force=False)
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", _fake_fit(made))
+    changed = PipelineConfig(**{**cfg.__dict__, "fit_args": ["--trainer.max_epochs=3"]})
+    run_training(changed, force=False)
+    assert made == ["sft", "dpo"]  # not resumed: that run had two epochs
+    assert "is from a run with other inputs, starting afresh" in capsys.readouterr().out
+    assert not checkpoints.joinpath("last.ckpt").exists()
+    # The same inputs again, after a crash: resumed.
+    checkpoints.joinpath("last.ckpt").write_bytes(b"step 10")
+    (tmp_path / "sft" / "final.inputs").unlink()  # as if it had not finished
+    (tmp_path / "sft" / "final" / ".complete").unlink()
+    made.clear()
+    run_training(changed, force=False)
+    assert made[0] == "sft (resumed)"
+
+
 def test_each_training_stage_frees_its_model_before_the_next(tiny_model_dir, small_data, tmp_path, monkeypatch):
     # On a GPU, KeepOnDeviceStrategy leaves a finished stage's model there; a trainer and its
     # module refer to each other, so only the cycle collector frees them.
