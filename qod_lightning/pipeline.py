@@ -51,7 +51,8 @@ class PipelineConfig:
             the whole answer (one pair per prompt), or ``fields``, one pair per wrong top-level
             field whose rejected answer is the chosen one with only that field as the model wrote
             it (:func:`~qod_lightning.data.on_policy.field_edit_pairs`).
-        fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``).
+        fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``),
+            not data files (the stages read different formats): ``sft_train_file``, ``dpo_train_file``.
     """
 
     model: str = "embedded:smollm2-135m"
@@ -73,6 +74,13 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.on_policy_rejected not in ("answer", "fields"):
             raise ValueError(f"on_policy_rejected must be 'answer' or 'fields', got {self.on_policy_rejected!r}")
+        # fit_args go to both stages, whose data formats differ; on-policy pairs would also be replaced.
+        data_files = [a for a in self.fit_args if a.split("=", 1)[0].endswith(("train_file", "val_file"))]
+        if data_files:
+            raise ValueError(
+                f"fit_args name a data file for both stages ({', '.join(data_files)}): "
+                "set sft_train_file or dpo_train_file in the pipeline config instead"
+            )
         counts = {
             "max_eval_samples": self.max_eval_samples,
             "max_new_tokens": self.max_new_tokens,

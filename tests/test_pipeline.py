@@ -447,6 +447,17 @@ def test_on_policy_pairs_can_reject_one_wrong_field_at_a_time(tmp_path, monkeypa
     assert f"{len(edits)} of {len(edits) + 1} pairs reject one wrong field" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "fit_args", [["--data.init_args.train_file=x.jsonl"], ["--data.init_args.val_file", "v.jsonl"]]
+)
+def test_fit_args_may_not_name_a_data_file_for_both_stages(fit_args):
+    from qod_lightning.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="set sft_train_file or dpo_train_file"):
+        PipelineConfig(fit_args=fit_args)
+    PipelineConfig(fit_args=["--trainer.max_steps=2"])
+
+
 def test_on_policy_rejected_is_answer_or_fields():
     from qod_lightning.pipeline import PipelineConfig
 
