@@ -17,26 +17,20 @@ import time
 
 import torch
 
-from qod_lightning.data.jsonl import read_jsonl
-from qod_lightning.data.sft import SFT_RECORD
-from qod_lightning.data.tokenize import IGNORE_INDEX, encode_prompt, encode_response, pad_batch
+from qod_lightning.data.sft import SFTDataModule
 from qod_lightning.dropout import use_byte_dropout
-from qod_lightning.model import LoRASettings, ModelSettings, build_model, load_tokenizer, resolve_model_path
+from qod_lightning.model import LoRASettings, ModelSettings, build_model
 from qod_lightning.modules.common import batch_logps
 
 WAYS = ("torch.nn.Dropout", "ByteDropout", "no dropout")
 
 
 def batches(model: str, steps: int) -> list[dict[str, torch.Tensor]]:
-    """``steps`` SFT batches of 2 records, tokenized as the SFT data module does (Alpaca prompt)."""
-    tokenizer = load_tokenizer(resolve_model_path(model))
-    records = read_jsonl("data/large_sft.jsonl", SFT_RECORD)[: 2 * steps]
-    examples = []
-    for record in records:
-        prompt = encode_prompt(tokenizer, record["input"], record["instruction"], "alpaca")
-        response = encode_response(tokenizer, record["response"])
-        examples.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
-    return [pad_batch(examples[i : i + 2], tokenizer.pad_token_id) for i in range(0, len(examples), 2)]
+    """``steps`` SFT batches of 2 records, encoded and collated by the SFT data module itself."""
+    data = SFTDataModule(model, "data/large_sft.jsonl", batch_size=2)
+    examples = [data.encode(record) for record in data.read(data.hparams.train_file)[: 2 * steps]]
+    examples = [example for example in examples if example is not None]  # too long: the module drops them too
+    return [data.collate(examples[i : i + 2]) for i in range(0, len(examples), 2)]
 
 
 def step_times(

@@ -17,6 +17,12 @@ from torch import nn
 _INT64 = torch.iinfo(torch.int64)
 
 
+def byte_threshold(p: float) -> int | None:
+    """``k`` of ``p`` rounded to ``k / 256``, or ``None`` when that rounds to 0 or 1 (no byte mask)."""
+    k = round(p * 256)
+    return k if 0 < k < 256 else None
+
+
 class ByteDropout(nn.Module):
     """Inverted dropout with a byte-valued random mask (identity in eval mode).
 
@@ -32,10 +38,11 @@ class ByteDropout(nn.Module):
 
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.threshold = round(p * 256)
-        if not 0 < self.threshold < 256:
+        threshold = byte_threshold(p)
+        if threshold is None:
             raise ValueError(f"ByteDropout needs p in (1/512, 1 - 1/512), got {p}")
-        self.p = self.threshold / 256
+        self.threshold = threshold
+        self.p = threshold / 256
         self.scale = 1.0 / (1.0 - self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,7 @@ def use_byte_dropout(model: nn.Module) -> int:
         if not isinstance(dropouts, nn.ModuleDict):
             continue
         for name, dropout in dropouts.items():
-            if isinstance(dropout, nn.Dropout) and 0 < round(dropout.p * 256) < 256:
+            if isinstance(dropout, nn.Dropout) and byte_threshold(dropout.p) is not None:
                 dropouts[name] = ByteDropout(dropout.p).train(dropout.training)
                 swapped += 1
     return swapped

@@ -264,7 +264,7 @@ def _config_data_files(config: str) -> list[str]:
     return [value for value in init_args.values() if isinstance(value, str)] if isinstance(init_args, dict) else []
 
 
-def _training_stamp(cfg: PipelineConfig, stage: str, args: list[str]) -> str:
+def _training_stamp(cfg: PipelineConfig, stage: str, config: str, adapter: Path | None, args: list[str]) -> str:
     """A digest of what a training stage's adapter depends on.
 
     Its ``fit`` arguments (the pipeline's and ``fit_args``), the contents of every file they name
@@ -272,14 +272,12 @@ def _training_stamp(cfg: PipelineConfig, stage: str, args: list[str]) -> str:
     starting adapter's files, and for DPO the on-policy settings. Code is not in it: after
     changing the code, ``--force``.
     """
-    config = args[args.index("--config") + 1]
-    adapter = next((a.split("=", 1)[1] for a in args if a.startswith("--model.init_args.model.adapter_path=")), None)
     on_policy = stage == "dpo" and cfg.on_policy_pairs
     sources = [cfg.dpo_train_file] if on_policy and cfg.dpo_train_file else []  # what the pairs are made from
     what: dict[str, Any] = {
         "args": args,
         "files": _file_digests([*args, *_config_data_files(config), *sources]),
-        "adapter": _files_fingerprint(Path(adapter)) if adapter else None,
+        "adapter": _files_fingerprint(adapter) if adapter else None,
         "on_policy": [cfg.on_policy_rejected, cfg.max_new_tokens] if on_policy else None,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -304,7 +302,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
     trained: dict[str, TensorBoardRun | None] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
         args = _stage_args(cfg, config, stage, adapter, resume=False)
-        stamp, done_stamp = _training_stamp(cfg, stage, args), _stamp_path(output)
+        stamp, done_stamp = _training_stamp(cfg, stage, config, adapter, args), _stamp_path(output)
         if is_complete(output) and not force:
             if not done_stamp.is_file():
                 print(
@@ -321,15 +319,15 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
         started = last.parent / "inputs"  # the stamp of the run the checkpoints belong to
         # Checkpoints with no stamp predate stamps: resumed, as before.
         same = not started.is_file() or started.read_text(encoding="utf-8") == stamp
-        resume = last.is_file() and not force and same
-        if last.is_file() and not force and not resume:
+        if last.is_file() and not force and not same:
             print(f"[pipeline] {stage}: {last} is from a run with other inputs, starting afresh")
+        resume = last.is_file() and not force and same
         if not resume:
             _clear_checkpoints(last.parent)
         pairs = work / "dpo" / "pairs.jsonl"
         if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
             build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
-            stamp = _training_stamp(cfg, stage, args)  # with the new pairs
+            stamp = _training_stamp(cfg, stage, config, adapter, args)  # with the new pairs
         atomic_write_text(started, stamp)
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
