@@ -67,7 +67,7 @@ class AdapterEMA(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """End on the average: the module saves its final adapter after this hook."""
         if self.shadow:
-            self._swap_in(pl_module)
+            self._copy_into(pl_module, self.shadow)  # the live weights are not needed again
 
     def state_dict(self) -> dict[str, Any]:
         """The average and the last step folded into it."""

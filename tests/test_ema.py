@@ -21,12 +21,9 @@ class _Toy(L.LightningModule):
         self.live: list[torch.Tensor] = []
         self.validated: list[torch.Tensor] = []
 
-    def _loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         return ((self.head(self.frozen(x)) - y) ** 2).mean()
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._loss(batch)
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self.live.append(self.head.weight.detach().double().clone())
