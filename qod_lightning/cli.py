@@ -49,11 +49,22 @@ class QoDCLI(LightningCLI):
     before_validate = before_test = before_fit  # the checks also run at the end of those loops
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a single-device strategy given several devices (see :func:`check_one_device`)."""
+        """Check the config's inputs before building anything.
+
+        Refuses a single-device strategy given several devices (:func:`check_one_device`), and a
+        model, starting adapter or data file that is not there (:func:`check_training_inputs`).
+        """
+        from qod_lightning.preflight import check_training_inputs
         from qod_lightning.strategy import check_one_device
 
-        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
-        check_one_device(trainer.strategy, trainer.devices, trainer.num_nodes)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_one_device(config.trainer.strategy, config.trainer.devices, config.trainer.num_nodes)
+        model_args = config.model.init_args.get("model") if config.get("model") else None
+        data_args = config.data.init_args if config.get("data") else None
+        if model_args is not None and data_args is not None:
+            config_files = config.get("config") or []
+            config_file = str(config_files[-1]) if config_files else None
+            check_training_inputs(dict(vars(model_args)), dict(vars(data_args)), config_file)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> QoDCLI:
@@ -100,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("fit", "validate", "test", "predict"):
-        # From a real command line LightningCLI reads sys.argv itself (passing both warns).
-        cli_main(None if argv_from_sys else [command, *rest])
+        from qod_lightning.preflight import SetupError
+
+        try:
+            # From a real command line LightningCLI reads sys.argv itself (passing both warns).
+            cli_main(None if argv_from_sys else [command, *rest])
+        except SetupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
         return 0
     if command == "data":
         if not rest or rest[0] != "generate":

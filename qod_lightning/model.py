@@ -207,7 +207,32 @@ def load_base_model(settings: ModelSettings) -> PreTrainedModel:
             bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
             bnb_4bit_quant_storage=DTYPES.get(q.quant_storage, torch.uint8),
         )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if settings.quantization.load_in_4bit:
+        use_portable_4bit_kernels(model)
+    return model
+
+
+def use_portable_4bit_kernels(model: nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers on the dequantize-then-matmul path on every CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weights on its first
+    forward in eval mode without grad and from then on multiplies in bfloat16, whatever the
+    configured compute dtype. Evaluation, DPO's reference log-probs and a merged model would then
+    differ from training's numbers, and from the same run on a CPU without those units (a logit
+    difference of about 3e-3 on the test model, against 0 on the portable path).
+
+    Args:
+        model: A model whose 4-bit layers to set.
+
+    Returns:
+        How many layers were set.
+
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def lora_config(model: nn.Module, lora: LoRASettings) -> LoraConfig:

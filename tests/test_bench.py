@@ -176,6 +176,7 @@ def test_bench_command_runs_ours_and_writes_json(tmp_path, tiny_model_dir, small
     assert by_name["dpo_rss_vs_sft"]["measured"] > 0
 
 
+@pytest.mark.slow
 def test_bench_agrees_with_trl(tmp_path, tiny_model_dir, small_data, one_thread):
     pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[bench]'): no comparison to run")
     from qod_lightning.bench.runner import run_benchmark

@@ -6,13 +6,21 @@ import re
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from qod_lightning.cli import COMMANDS, main
 from qod_lightning.commands.translate import answer_record
 from qod_lightning.extraction import find_json_object
 from qod_lightning.generation import load_for_inference
-from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
+from qod_lightning.model import (
+    ModelSettings,
+    QuantizationSettings,
+    build_model,
+    load_base_model,
+    load_tokenizer,
+    save_adapter,
+)
 from qod_lightning.schema import VALIDATOR
 
 REQUEST = "Need gaming session, device 203.0.113.75, server 192.0.2.200, 2 hours"
@@ -288,6 +296,7 @@ def test_compare_rejects_malformed_names(capsys, tmp_path):
 # -- merge ------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_merged_model_equals_the_adapter_model(capsys, adapter_dir, tmp_path):
     code, out, _ = run(capsys, "merge", "--adapter", adapter_dir, "--output", tmp_path / "merged")
     assert code == 0 and "merged model written" in out
@@ -295,7 +304,7 @@ def test_merged_model_equals_the_adapter_model(capsys, adapter_dir, tmp_path):
     assert list((tmp_path / "merged").glob("*.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in name for name in merged.state_dict())
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), str(adapter_dir)).eval()
@@ -313,15 +322,25 @@ def test_merged_model_equals_the_adapter_model(capsys, adapter_dir, tmp_path):
     torch.testing.assert_close(merged_in_memory, expected, atol=1e-5, rtol=0)
 
 
-def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(capsys, adapter_dir, tmp_path):
+@pytest.mark.numerics
+def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(capsys, adapter_dir, tiny_model_dir, tmp_path):
     code, out, _ = run(capsys, "merge", "--adapter", adapter_dir, "--output", tmp_path / "merged", "--4bit")
     assert code == 0 and "dequantized" in out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert getattr(merged.config, "quantization_config", None) is None
     adapted, tokenizer = load_for_inference(str(adapter_dir), load_in_4bit=True)
+    four_bit = QuantizationSettings(load_in_4bit=True, compute_dtype="float32")  # as load_for_inference loads it
+    base = load_base_model(ModelSettings(str(tiny_model_dir), quantization=four_bit))
+    on_dequantized = PeftModel.from_pretrained(base.dequantize(), str(adapter_dir)).eval()  # W x + B A x, fp32
     ids = torch.tensor([tokenizer(REQUEST)["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=0)
+        adapted_logits = adapted(input_ids=ids).logits
+        # Exact by construction: the 4-bit layers dequantize to the same fp32 W and multiply in fp32
+        # (model.use_portable_4bit_kernels keeps them off bitsandbytes' bf16 kernel on any CPU).
+        assert torch.equal(adapted_logits, on_dequantized(input_ids=ids).logits)
+        # Merging computes (W + B A) x instead of W x + B (A x): the same sums, reassociated in fp32.
+        # Measured greatest difference 3e-7 (logits up to 0.7) with ATEN_CPU_CAPABILITY avx512 and avx2.
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted_logits, atol=1e-5, rtol=0)
 
 
 def test_a_model_answers_in_the_prompt_format_saved_with_it(capsys, caplog, adapter_dir, eval_file, tmp_path):

@@ -9,6 +9,8 @@ from torch import nn
 from qod_lightning.dropout import ByteDropout, use_byte_dropout
 from qod_lightning.model import LoRASettings, ModelSettings, build_model
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 
 def test_p_is_rounded_to_a_byte_threshold():
     dropout = ByteDropout(0.05)

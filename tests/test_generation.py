@@ -31,6 +31,8 @@ from qod_lightning.model import load_tokenizer
 from qod_lightning.schema import VALIDATOR
 from qod_lightning.validation import validate_request
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 REQUESTS = [
     "Need gaming session, device 203.0.113.75, server 192.0.2.200, 2 hours",
     "video call from +44 7700 900123 to 2001:db8::1 for 90 minutes",
@@ -242,6 +244,7 @@ def test_forced_starts_give_the_answers_of_constrained_decoding_from_scratch(tin
     assert calls[0] == 0
 
 
+@pytest.mark.slow
 def test_constrained_answers_from_unconstrained_starts_equal_those_from_scratch(tiny):
     """The random model's own unconstrained answers break the grammar at once, so stand-ins are
     built: each constrained answer with a token the grammar rejects spliced in somewhere."""
@@ -266,6 +269,7 @@ def test_forced_starts_must_fit_the_budget_and_the_grammar(tiny):
         generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=4, constrained=True, forced=[brace + brace])
 
 
+@pytest.mark.slow
 def test_grammar_accepted_starts_end_where_the_grammar_rejects(tiny):
     model, tokenizer = tiny
     valid = generate_tokens(model, tokenizer, REQUESTS[:1], max_new_tokens=1000, constrained=True)[0]

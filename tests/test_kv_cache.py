@@ -1,9 +1,12 @@
 """The in-place KV cache against Hugging Face's DynamicLayer, operation by operation."""
 
+import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from qod_lightning.kv_cache import ReservedCache, ReservedLayer
+
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
 
 
 def _states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
 from qod_lightning.logprobs import response_logps, sequence_logps
+
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
 
 
 def loop_logps(logits, labels):

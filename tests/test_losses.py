@@ -7,6 +7,8 @@ import torch
 
 from qod_lightning.losses import chosen_nll, dpo_loss
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 
 def reference_dpo(pc, pr, rc, rr, beta, eps):
     """Plain-Python float64 transcription of Rafailov et al. eq. 7 (+ conservative smoothing)."""

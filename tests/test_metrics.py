@@ -26,6 +26,8 @@ from qod_lightning.metrics import (
     score_predictions,
 )
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 # A: valid and exact (keys in another order than expected).
 EXP_A = {
     "device": {"phoneNumber": "+4915112345678"},
@@ -340,6 +342,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     world_size = 2
     mp.spawn(

@@ -18,6 +18,8 @@ from qod_lightning.model import (
     saved_prompt_format,
 )
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 
 def test_phi3_mini_adapter_has_design_size():
     config = Phi3Config()  # the defaults are Phi-3-mini-4k's shape
@@ -93,6 +95,36 @@ def test_4bit_nf4_loads_and_runs_on_cpu(tiny_model_dir):
     assert torch.isfinite(out.logits).all()
     trainable, _ = count_parameters(model)
     assert trainable > 0
+
+
+def test_4bit_layers_stay_on_the_portable_path_after_an_inference_forward(tiny_model_dir):
+    # bitsandbytes would repack them for its bf16 kernel here on an AVX512-BF16 CPU.
+    settings = ModelSettings(str(tiny_model_dir), quantization=QuantizationSettings(True, compute_dtype="float32"))
+    model = build_model(settings).eval()
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[0, 5, 6, 7]]))
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_the_hub_kernel_warning_of_bitsandbytes_is_kept_out_of_the_output():
+    import logging
+
+    import qod_lightning  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    dropped = logger.makeRecord(
+        logger.name,
+        logging.WARNING,
+        "",
+        0,
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s",
+        ("x",),
+        None,
+    )
+    kept = logger.makeRecord(logger.name, logging.WARNING, "", 0, "another warning", (), None)
+    assert not logger.filter(dropped) and logger.filter(kept)
 
 
 def test_4bit_storage_dtype_can_match_the_other_weights_for_fsdp(tiny_model_dir):

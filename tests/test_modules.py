@@ -14,6 +14,8 @@ from qod_lightning.model import ModelSettings
 from qod_lightning.modules import DPOModule, SFTModule
 from qod_lightning.modules.common import batch_logps
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 
 def trainer(tmp_path, **kwargs):
     defaults = dict(

