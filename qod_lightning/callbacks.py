@@ -1,12 +1,16 @@
-"""Evaluate what the model generates, not only its loss, during training."""
+"""Training callbacks: evaluate what the model generates during training; snapshot weights for a learning curve."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from qod_lightning.artifacts import atomic_write_text
 from qod_lightning.data.jsonl import read_jsonl
 from qod_lightning.generation import generate
 from qod_lightning.metrics import per_example_verdicts, score_predictions
@@ -101,6 +105,7 @@ class GenerationEvaluation(L.Callback):
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size,
                 constrained=self.constrained,
+                notes=getattr(datamodule, "answer_notes", False),
             )
         finally:
             model.train(was_training)
@@ -189,3 +194,66 @@ def samples_table(requests: list[str], outputs: list[str], verdicts: list[dict[s
     for request, output, verdict in zip(requests, outputs, verdicts, strict=True):
         lines.append(f"| {_cell(request)} | {_cell(output)} | {_cell(_verdict(verdict))} |")
     return "\n".join(lines)
+
+
+class Snapshots(L.Callback):
+    """Save the trained weights every ``every_n_steps`` optimizer steps, for a time-to-quality curve.
+
+    Each snapshot goes to ``<module output_dir>/snapshots/step-<N>`` (as the module saves its
+    final weights), and ``snapshots/index.json`` lists them with the records seen and the
+    training seconds so far: wall time since fit start, less the time spent saving snapshots and
+    in validation. ``scripts/time_to_quality.py`` evaluates them.
+
+    Args:
+        every_n_steps: Optimizer steps between snapshots (the last step always gets one).
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._start = 0.0
+        self._excluded = 0.0
+        self._records = 0
+        self._validation_start: float | None = None
+        self.index: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the clock."""
+        self._start, self._excluded, self._records, self.index = time.perf_counter(), 0.0, 0, []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
+    ) -> None:
+        """Count the batch's records; snapshot after every ``every_n_steps``-th optimizer step."""
+        self._records += int(batch["input_ids"].shape[0]) * trainer.world_size
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step not in {entry["step"] for entry in self.index}:
+            self._snapshot(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the clock during validation."""
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Restart the clock."""
+        if self._validation_start is not None:
+            self._excluded += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Snapshot the last step too."""
+        if trainer.global_step not in {entry["step"] for entry in self.index}:
+            self._snapshot(trainer, pl_module)
+
+    def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start - self._excluded
+        saving = time.perf_counter()
+        step = trainer.global_step
+        path = pl_module.save_adapter(f"snapshots/step-{step}")
+        if path is not None:
+            self.index.append(
+                {"step": step, "records": self._records, "train_seconds": round(seconds, 1), "path": str(path)}
+            )
+            atomic_write_text(Path(path).parent / "index.json", json.dumps(self.index, indent=1) + "\n")
+        self._excluded += time.perf_counter() - saving

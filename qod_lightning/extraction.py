@@ -27,6 +27,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+NOTE_REGEX = r'duration: ("[^"\n{}]*"|none) = [0-9]+; use: "[^"\n{}]*" = QOS_[A-Z]+\n'
+"""A scratchpad note (:mod:`qod_lightning.data.notes`) as the first line of an answer, newline included.
+
+Written in the regex syntax that both Python and xgrammar read (constrained decoding lets it open an answer)."""
+NOTE_LINE = re.compile(NOTE_REGEX)
+
+
+def split_note(answer: str) -> tuple[str | None, str]:
+    """Split an answer into its scratchpad note line (``None`` when it has none) and the rest."""
+    match = NOTE_LINE.match(answer)
+    if match is None:
+        return None, answer
+    return match.group(0).rstrip("\n"), answer[match.end() :]
+
+
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qod_lightning.data.tokenize import PromptFormat, encode_prompt, keep_last
-from qod_lightning.extraction import find_json_object
+from qod_lightning.extraction import NOTE_REGEX, find_json_object
 from qod_lightning.kv_cache import ReservedCache
 from qod_lightning.model import ModelSettings, QuantizationSettings, load_base_model, load_tokenizer
 from qod_lightning.schema import IPV4_NETWORK_PATTERN, IPV4_PATTERN, NAI_PATTERN, REQUEST_SCHEMA
@@ -203,7 +203,7 @@ class GrammarCache:
     happens once per tokenizer, not per request or per batch.
 
     Attributes:
-        grammars: ``(tokenizer fingerprint, len(tokenizer), model vocab size)`` -> grammar. The
+        grammars: ``(tokenizer fingerprint, len(tokenizer), model vocab size, notes)`` -> grammar. The
             fingerprint (:func:`tokenizer_fingerprint`) is the tokenizer's content, not its
             path, so the copies saved beside a base model and its adapters share one grammar.
         hits: Look-ups served from the cache.
@@ -211,23 +211,26 @@ class GrammarCache:
 
     """
 
-    grammars: dict[tuple[str, int, int], Any] = field(default_factory=dict)
+    grammars: dict[tuple[str, int, int, bool], Any] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
-    def get(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
+    def get(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, notes: bool = False) -> Any:
         """Return the compiled request grammar for ``tokenizer``, compiling it on first use.
 
         Args:
             tokenizer: The model's tokenizer.
             vocab_size: The model's output size, which may exceed ``len(tokenizer)`` (padded
                 embedding matrices); the logits mask must cover every id.
+            notes: Also allow a scratchpad note line before the request (a model trained on
+                notes writes one, :mod:`qod_lightning.data.notes`). Off for other models: an
+                untrained one would otherwise ramble in the note until its budget runs out.
 
         Returns:
             An ``xgrammar.CompiledGrammar``.
 
         """
-        key = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size)
+        key = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size, notes)
         if key in self.grammars:
             self.hits += 1
             return self.grammars[key]
@@ -237,9 +240,12 @@ class GrammarCache:
         compiler = xgr.GrammarCompiler(_tokenizer_info(tokenizer, vocab_size), max_threads=min(8, os.cpu_count() or 1))
         # No free whitespace: an untrained model otherwise loops on spaces and newlines. The compact
         # separators are those of the training answers (dump_request).
-        self.grammars[key] = compiler.compile_json_schema(
-            json.dumps(grammar_schema()), any_whitespace=False, separators=(",", ":")
-        )
+        schema = json.dumps(grammar_schema())
+        request = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+        if notes:
+            noted = xgr.Grammar.concat(xgr.Grammar.from_regex(NOTE_REGEX), request)
+            request = xgr.Grammar.union(noted, request)
+        self.grammars[key] = compiler.compile_grammar(request)
         return self.grammars[key]
 
 
@@ -617,6 +623,7 @@ def generate_tokens(
     do_sample: bool = False,
     temperature: float = 0.3,
     constrained: bool = False,
+    notes: bool = False,
     max_input_tokens: int = 1024,
     forced: list[list[int]] | None = None,
     workers: int = 1,
@@ -640,6 +647,8 @@ def generate_tokens(
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
         constrained: Mask the logits with the request grammar (needs ``xgrammar``).
+        notes: With ``constrained``, the grammar allows a scratchpad note line before the request
+            (for a model trained on notes; :meth:`GrammarCache.get`).
         max_input_tokens: Longest prompt kept, in tokens.
         forced: Tokens each answer starts with (:func:`decode_batch`), such as
             :func:`grammar_accepted_starts`; answers they already finish are not decoded. Only
@@ -671,7 +680,7 @@ def generate_tokens(
     prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
-    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model)) if constrained else None
+    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model), notes) if constrained else None
     if grammar is not None and any(grammar_prefix_length(grammar, ids) < len(ids) for ids in forced):
         raise ValueError("a forced start is against the request grammar (see grammar_accepted_starts)")
     done = [_kept_length(tokenizer, ids, options) for ids in forced]
@@ -764,7 +773,10 @@ def decode_answers(tokenizer: PreTrainedTokenizerBase, answers: list[list[int]])
 
 
 def grammar_accepted_starts(
-    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, answers: list[list[int]]
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    answers: list[list[int]],
+    notes: bool = False,
 ) -> list[list[int]]:
     """The start of each greedy unconstrained answer that greedy constrained decoding shares.
 
@@ -781,10 +793,11 @@ def grammar_accepted_starts(
         model: The model that wrote ``answers`` (its output size sizes the grammar's mask).
         tokenizer: Its tokenizer.
         answers: Greedy unconstrained answer tokens (:func:`generate_tokens`).
+        notes: The grammar allows a scratchpad note first (as :func:`generate_tokens`).
 
     Returns:
         For each answer, its longest start the request grammar accepts.
 
     """
-    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model))
+    grammar = GRAMMAR_CACHE.get(tokenizer, _output_size(model), notes)
     return [ids[: grammar_prefix_length(grammar, ids)] for ids in answers]

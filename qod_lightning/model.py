@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from qod_lightning.dropout import use_byte_dropout
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FINETUNE_MODES = ("lora", "full")
 
 KNOWN_PROJECTIONS: dict[str, tuple[str, ...]] = {
     # Hugging Face's Phi-3 fuses q/k/v and gate/up: `q_proj` matches nothing there.
@@ -95,7 +96,10 @@ class ModelSettings:
 
     Attributes:
         model_name_or_path: Hub id, local Hugging Face directory, or ``embedded:smollm2-135m``.
-        adapter_path: A saved PEFT adapter to start from (e.g. the SFT output for DPO).
+        adapter_path: The SFT output to start from (e.g. for DPO): a saved PEFT adapter, or with
+            ``finetune: full`` a saved whole model, loaded in place of ``model_name_or_path``.
+        finetune: ``lora`` (train a LoRA adapter, the base frozen; QLoRA with 4-bit loading) or
+            ``full`` (train every weight; for small models such as the embedded 135M one).
         dtype: Dtype of the non-quantized weights.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         gradient_checkpointing: Recompute activations in backward to save memory.
@@ -107,6 +111,7 @@ class ModelSettings:
 
     model_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
     adapter_path: str | None = None
+    finetune: str = "lora"
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -117,6 +122,10 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.finetune == "full" and self.quantization.load_in_4bit:
+            raise ValueError("finetune: full trains every weight, and 4-bit weights cannot be trained; use lora")
 
 
 def resolve_model_path(name: str) -> str:
@@ -247,17 +256,20 @@ def lora_config(model: nn.Module, lora: LoRASettings) -> LoraConfig:
     )
 
 
-def build_model(settings: ModelSettings, trainable: bool = True) -> PeftModel:
-    """Load the base model and attach the LoRA adapter (a new one or ``adapter_path``).
+def build_model(settings: ModelSettings, trainable: bool = True) -> PeftModel | PreTrainedModel:
+    """Load the model to train: the base with a LoRA adapter, or with ``finetune: full`` the whole model.
 
     Args:
         settings: What to load.
-        trainable: Whether the adapter's parameters require grad. Base weights never do.
+        trainable: Whether the trained parameters require grad (the adapter's; with
+            ``finetune: full`` every weight). Base weights under an adapter never do.
 
     Returns:
-        The PEFT-wrapped model.
+        The PEFT-wrapped model, or the plain model with ``finetune: full``.
 
     """
+    if settings.finetune == "full":
+        return _build_full(settings, trainable)
     model = load_base_model(settings)
     if settings.quantization.load_in_4bit:
         # Casts norms to fp32 and enables input grads so checkpointing works through 4-bit layers.
@@ -279,6 +291,22 @@ def build_model(settings: ModelSettings, trainable: bool = True) -> PeftModel:
     return peft_model
 
 
+def _build_full(settings: ModelSettings, trainable: bool) -> PreTrainedModel:
+    """The whole model, from ``adapter_path`` when given (a fully fine-tuned SFT output), every weight trained."""
+    source = settings.adapter_path or settings.model_name_or_path
+    model = load_base_model(replace(settings, model_name_or_path=source, adapter_path=None))
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad_(trainable)
+    return model
+
+
+def causal_lm(model: PeftModel | PreTrainedModel) -> PreTrainedModel:
+    """The causal LM itself: under the PEFT wrapper, or the model when it has none."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return ``(trainable, total)`` parameter counts (4-bit weights counted unpacked)."""
     trainable = total = 0
@@ -296,19 +324,29 @@ PROMPT_FILE = "qod_prompt.json"
 
 
 def save_adapter(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, prompt_format: str | None = None
+    model: PeftModel | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | Path,
+    prompt_format: str | None = None,
+    answer_notes: bool = False,
 ) -> Path:
     """Write the adapter (``adapter_config.json`` + safetensors) and the tokenizer, atomically.
+
+    A fully fine-tuned model (no PEFT wrapper) is written whole instead (``config.json`` +
+    safetensors): a plain Hugging Face model directory, as ``merge`` writes.
 
     Files go to a sibling temporary directory first, which is renamed into place, so a crash
     never leaves a half-written adapter that a later run would trust.
 
     Args:
-        model: The PEFT model.
+        model: The PEFT model, or the fully fine-tuned model.
         tokenizer: Saved beside the adapter so the directory is self-contained.
         directory: Target directory (replaced if it exists).
         prompt_format: The prompt format the adapter was trained on, saved in :data:`PROMPT_FILE`
             so inference uses it by default (:func:`resolve_prompt_format`).
+        answer_notes: The training answers opened with a scratchpad note; saved in
+            :data:`PROMPT_FILE` too, so constrained decoding lets the model write one
+            (:func:`saved_answer_notes`).
 
     Returns:
         The directory.
@@ -317,12 +355,16 @@ def save_adapter(
     from qod_lightning.artifacts import atomic_directory
 
     with atomic_directory(directory) as tmp:
-        # LoRA never touches the embeddings; saying so stops PEFT from looking up the base's
-        # config by name (which fails for ``embedded:`` names and hub ids offline).
-        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        if isinstance(model, PeftModel):
+            # LoRA never touches the embeddings; saying so stops PEFT from looking up the base's
+            # config by name (which fails for ``embedded:`` names and hub ids offline).
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if prompt_format is not None:
-            (Path(tmp) / PROMPT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n", encoding="utf-8")
+            saved = {"prompt_format": prompt_format, **({"answer_notes": True} if answer_notes else {})}
+            (Path(tmp) / PROMPT_FILE).write_text(json.dumps(saved) + "\n", encoding="utf-8")
     return Path(directory)
 
 
@@ -342,6 +384,17 @@ def saved_prompt_format(model: str | Path) -> str | None:
     if value not in ("alpaca", "chat"):
         raise ValueError(f"{path}: unknown prompt_format {value!r} (alpaca or chat)")
     return value
+
+
+def saved_answer_notes(model: str | Path) -> bool:
+    """Whether a trained adapter or model learned answers that open with a scratchpad note."""
+    path = Path(model) / PROMPT_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("answer_notes") is True
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a JSON object: {err}") from err
 
 
 def resolve_prompt_format(model: str | Path, requested: str | None) -> str:

@@ -460,9 +460,15 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
 
 
 def run_merge(cfg: PipelineConfig, adapter: Path, force: bool) -> Path:
-    """Merge the DPO adapter into a standalone model directory (skipped when complete)."""
+    """Merge the DPO adapter into a standalone model directory (skipped when complete, or with no adapter).
+
+    A fully fine-tuned DPO model (``finetune: full``) is a standalone model already: it is returned as is.
+    """
     from qod_lightning.commands.merge import merge_adapter
 
+    if not (adapter / "adapter_config.json").is_file():
+        print(f"[pipeline] merge: {adapter} is a whole model, nothing to merge")
+        return adapter
     merged = Path(cfg.work_dir) / "merged"
     if is_complete(merged) and not force:
         print(f"[pipeline] merge: {merged} is complete, skipping")

@@ -15,7 +15,7 @@ from typing import Any
 
 from jsonschema.exceptions import ValidationError
 
-from qod_lightning.extraction import extract_json, find_json_object
+from qod_lightning.extraction import extract_json, find_json_object, split_note
 from qod_lightning.schema import ALL_SPEC_KEYS, DEFINED_KEYS, VALIDATOR
 
 CHECKS: tuple[str, ...] = (
@@ -316,8 +316,8 @@ def answer_problem(answer: str | dict[str, Any], request: str | None = None) -> 
     """Say why a training or reference answer is not a bare, valid request (``None`` when it is).
 
     Stricter than :func:`validate_request`, which tolerates text around the object a model wrote:
-    a dataset's answer must be the JSON object alone, pass all seven checks and, given the
-    request, invent no value.
+    a dataset's answer must be the JSON object alone (after a scratchpad note line, if it has
+    one), pass all seven checks and, given the request, invent no value.
 
     Args:
         answer: The answer text, or an already parsed object.
@@ -328,6 +328,7 @@ def answer_problem(answer: str | dict[str, Any], request: str | None = None) -> 
 
     """
     if isinstance(answer, str):
+        answer = split_note(answer)[1]  # a scratchpad note may open the answer
         found = find_json_object(answer)
         if found is None:
             return "no JSON object"

@@ -117,3 +117,29 @@ def test_sample_table_escapes_cells():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="every_n_epochs"):
         GenerationEvaluation(every_n_epochs=0)
+
+
+def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_model_dir, small_data, tmp_path):
+    from qod_lightning.callbacks import Snapshots
+    from qod_lightning.generation import load_for_inference
+
+    L.seed_everything(0)
+    module = SFTModule(ModelSettings(str(tiny_model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
+    data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
+    trainer = L.Trainer(
+        max_steps=5,
+        callbacks=[Snapshots(every_n_steps=2)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    index = json.loads((tmp_path / "out/snapshots/index.json").read_text())
+    # 9 training records in batches of 2: the fifth step has one; the last step always gets a snapshot.
+    assert [(entry["step"], entry["records"]) for entry in index] == [(2, 4), (4, 8), (5, 9)]
+    seconds = [entry["train_seconds"] for entry in index]
+    assert seconds == sorted(seconds) and seconds[0] >= 0
+    model, _ = load_for_inference(index[0]["path"])  # each snapshot is a model directory
+    assert model is not None

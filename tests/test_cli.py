@@ -89,6 +89,27 @@ def test_sft_then_dpo_through_the_cli(four_bit, tiny_model_dir, small_data, tmp_
     assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
 
 
+def test_full_finetuning_sft_then_dpo_through_the_cli(tiny_model_dir, small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    sft, dpo = TRAINING_CONFIGS[1], TRAINING_CONFIGS[0]
+    full = ["--model.init_args.model.finetune", "full", "--generation_checks", "false"]
+    cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, sft, False), *full])
+    assert (tmp_path / "sft/final/model.safetensors").is_file()
+    assert not (tmp_path / "sft/final/adapter_config.json").exists()
+    before = load_file(tmp_path / "sft/final/model.safetensors")
+    tiny = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not (before[k] == tiny[k]).all() for k in tiny if k in before)  # every weight trains
+    # DPO starts from the whole SFT model; at step 0 the policy is its own reference (loss log 2).
+    test_file = ["--data.init_args.test_file", str(small_data["preferences"])]
+    cli = cli_main(["test", *tiny_overrides(tiny_model_dir, tmp_path, small_data, dpo, False), *full, *test_file])
+    assert float(cli.trainer.callback_metrics["test/loss"]) == pytest.approx(0.6931472, abs=1e-6)
+    cli = cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, dpo, False), *full])
+    assert cli.trainer.global_step == 2
+    after = load_file(tmp_path / "dpo/final/model.safetensors")
+    assert any(not (after[k] == before[k]).all() for k in before)
+
+
 def test_dpo_test_command_scores_the_test_pairs(tiny_model_dir, small_data, tmp_path):
     sft, dpo = TRAINING_CONFIGS[1], TRAINING_CONFIGS[0]
     cli_main(["fit", *tiny_overrides(tiny_model_dir, tmp_path, small_data, sft, False)])

@@ -1,5 +1,6 @@
 """Model factory: target modules per architecture, exact LoRA sizes, 4-bit loading."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import get_peft_model
@@ -101,7 +102,7 @@ def test_4bit_layers_stay_on_the_portable_path_after_an_inference_forward(tiny_m
     # bitsandbytes would repack them for its bf16 kernel here on an AVX512-BF16 CPU.
     settings = ModelSettings(str(tiny_model_dir), quantization=QuantizationSettings(True, compute_dtype="float32"))
     model = build_model(settings).eval()
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)
     with torch.no_grad():
         model(input_ids=torch.tensor([[0, 5, 6, 7]]))

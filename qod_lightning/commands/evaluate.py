@@ -178,7 +178,7 @@ def evaluate_model(
     records, loaded, tokenizer = _load(model, data, max_samples, load_in_4bit, dtype)
     prompt_format = resolve_prompt_format(model, prompt_format)
     options = _generation_options(
-        prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
+        model, prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
     )
     predictions = generate(loaded, tokenizer, [r["input"] for r in records], constrained=constrained, **options)
     del loaded
@@ -246,7 +246,7 @@ def evaluate_model_both(
     requests = [r["input"] for r in records]
     prompt_format = resolve_prompt_format(model, prompt_format)
     options = _generation_options(
-        prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
+        model, prompt_format, max_new_tokens, batch_size, workers, do_sample, temperature, max_input_tokens
     )
     free = generate_tokens(loaded, tokenizer, requests, **options)
     free_report = _write_report(
@@ -255,7 +255,7 @@ def evaluate_model_both(
     start = time.perf_counter()
     forced, accepted_whole = None, None
     if not do_sample:
-        forced = grammar_accepted_starts(loaded, tokenizer, free)
+        forced = grammar_accepted_starts(loaded, tokenizer, free, notes=options["notes"])
         accepted_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
     bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
     del loaded
@@ -277,6 +277,7 @@ def _load(
 
 
 def _generation_options(
+    model: str,
     prompt_format: PromptFormat,
     max_new_tokens: int,
     batch_size: int,
@@ -285,9 +286,16 @@ def _generation_options(
     temperature: float,
     max_input_tokens: int,
 ) -> dict[str, Any]:
-    """The keywords of :func:`~qod_lightning.generation.generate_tokens` an evaluation passes on."""
+    """The keywords of :func:`~qod_lightning.generation.generate_tokens` an evaluation passes on.
+
+    ``notes``: the model learned answers that open with a scratchpad note
+    (:func:`~qod_lightning.model.saved_answer_notes`), which constrained decoding then allows.
+    """
+    from qod_lightning.model import saved_answer_notes
+
     return {
         "prompt_format": prompt_format,
+        "notes": saved_answer_notes(model),
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "workers": workers,

@@ -100,10 +100,14 @@ def _print_single(request: str, raw_output: str) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from qod_lightning.generation import generate, load_for_inference
-    from qod_lightning.model import resolve_prompt_format
+    from qod_lightning.model import resolve_prompt_format, saved_answer_notes
 
     requests = _requests(args)
-    options = {**generation_kwargs(args), "prompt_format": resolve_prompt_format(args.model, args.prompt_format)}
+    options = {
+        **generation_kwargs(args),
+        "prompt_format": resolve_prompt_format(args.model, args.prompt_format),
+        "notes": saved_answer_notes(args.model),
+    }
     model, tokenizer = load_for_inference(check_model_path(args.model), load_in_4bit=args.four_bit, dtype=args.dtype)
     outputs = generate(model, tokenizer, requests, constrained=args.constrained, **options)
     if args.input is None:

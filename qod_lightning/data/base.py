@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from qod_lightning.data.jsonl import DataError
 from qod_lightning.data.sampling import ResumableDataLoader, WindowBatchSampler
 from qod_lightning.data.tokenize import PromptFormat
+from qod_lightning.extraction import split_note
 from qod_lightning.model import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_set: ExampleDataset | None = None
+        self.answer_notes = False  # set by setup: every training answer opens with a scratchpad note
         self.val_set: ExampleDataset | None = None
         self.test_set: ExampleDataset | None = None
 
@@ -97,6 +99,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
     encoded_keys: tuple[str, ...] = ()
     """Keys that :meth:`encode` returns."""
+
+    answer_key: str = ""
+    """The record key of the answer the model learns to write."""
 
     def read(self, path: str) -> list[dict[str, Any]]:
         """Read and check one file's records (each with its ``_line``)."""
@@ -138,6 +143,8 @@ class TokenizedDataModule(L.LightningDataModule):
             train = [train[i] for i in sorted(order[n_val:])]
         else:
             val = []
+        # Saved with the trained model, so constrained decoding lets it write its note.
+        self.answer_notes = bool(train) and all(split_note(r[self.answer_key])[0] is not None for r in train)
         self.train_set = ExampleDataset(self._encode_all(train, hp.train_file))
         self.val_set = ExampleDataset(self._encode_all(val, hp.val_file or hp.train_file))
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qod_lightning.data.notes import make_note, note_for_answer
 from qod_lightning.data.phrasing import USE_CASES
 from qod_lightning.data.prompts import SYSTEM_PROMPT, dump_request
 from qod_lightning.data.rejected import make_rejected
@@ -60,29 +61,49 @@ def sample_examples(n: int, seed: int, split: str, templates: tuple[Template, ..
     return examples
 
 
-def generate_sft(n: int, seed: int = 0) -> list[dict[str, str]]:
+def generate_sft(n: int, seed: int = 0, notes: bool = False) -> list[dict[str, str]]:
     """Make supervised fine-tuning records.
 
     Args:
         n: Number of records.
         seed: Random seed.
+        notes: Start each response with a scratchpad note line (:mod:`qod_lightning.data.notes`).
+            The few requests whose phrases the note cannot quote (a bare profile letter in a terse
+            template) are skipped, and later draws of the same stream take their place.
 
     Returns:
-        ``{"instruction", "input", "response"}`` records; ``response`` is the compact canonical JSON.
+        ``{"instruction", "input", "response"}`` records; ``response`` is the compact canonical JSON,
+        after the note and a newline with ``notes``.
 
     """
-    return [
-        {"instruction": SYSTEM_PROMPT, "input": text, "response": dump_request(canonical_request(spec))}
-        for spec, text in sample_examples(n, seed, "sft", TRAIN_TEMPLATES)
-    ]
+    if not notes:
+        return [
+            {"instruction": SYSTEM_PROMPT, "input": text, "response": dump_request(canonical_request(spec))}
+            for spec, text in sample_examples(n, seed, "sft", TRAIN_TEMPLATES)
+        ]
+    draws = n
+    while True:  # a longer draw of one seed starts with the shorter draw's examples
+        records = []
+        for spec, text in sample_examples(draws, seed, "sft", TRAIN_TEMPLATES):
+            note = make_note(spec, text)
+            if note is not None:
+                response = f"{note}\n{dump_request(canonical_request(spec))}"
+                records.append({"instruction": SYSTEM_PROMPT, "input": text, "response": response})
+        if len(records) >= n:
+            return records[:n]
+        draws += n - len(records) + 16
 
 
-def generate_preferences(n: int, seed: int = 0) -> list[dict[str, str]]:
+def generate_preferences(n: int, seed: int = 0, notes: bool = False) -> list[dict[str, str]]:
     """Make preference records pairing the canonical answer with a typical wrong one.
 
     Args:
         n: Number of records.
         seed: Random seed.
+        notes: Open both answers with a scratchpad note (:mod:`qod_lightning.data.notes`): the
+            chosen one's, and for the rejected one the same phrases with the duration and profile
+            its JSON holds, so a wrong decision is wrong from the note on. Requests whose phrases
+            the note cannot quote are skipped, as in :func:`generate_sft`.
 
     Returns:
         ``{"prompt", "chosen", "rejected"}`` records.
@@ -90,10 +111,20 @@ def generate_preferences(n: int, seed: int = 0) -> list[dict[str, str]]:
     """
     rng = random.Random(f"qod-rejected-{seed}")
     records = []
-    for spec, text in sample_examples(n, seed, "preferences", TRAIN_TEMPLATES):
-        body = canonical_request(spec)
-        records.append({"prompt": text, "chosen": dump_request(body), "rejected": make_rejected(body, text, rng)})
-    return records
+    draws = n
+    while len(records) < n:  # without notes, one pass; with them, later draws replace skipped ones
+        records, rng = [], random.Random(f"qod-rejected-{seed}")
+        for spec, text in sample_examples(draws, seed, "preferences", TRAIN_TEMPLATES):
+            body = canonical_request(spec)
+            chosen, rejected = dump_request(body), make_rejected(body, text, rng)
+            if notes:
+                note = make_note(spec, text)
+                if note is None:
+                    continue
+                chosen, rejected = f"{note}\n{chosen}", f"{note_for_answer(note, rejected)}\n{rejected}"
+            records.append({"prompt": text, "chosen": chosen, "rejected": rejected})
+        draws += n - len(records) + 16
+    return records[:n]
 
 
 def generate_eval(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -159,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out-dir", default="data", help="output directory (default data)")
     parser.add_argument("--prefix", default="", help="file name prefix, e.g. 'big_' (default none)")
+    parser.add_argument(
+        "--notes",
+        action="store_true",
+        help="SFT and preference answers start with a scratchpad note line, then the JSON",
+    )
     return parser
 
 
@@ -175,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     outputs = {
-        "sft": generate_sft(args.num_sft, args.seed),
-        "preferences": generate_preferences(args.num_preferences, args.seed),
+        "sft": generate_sft(args.num_sft, args.seed, notes=args.notes),
+        "preferences": generate_preferences(args.num_preferences, args.seed, notes=args.notes),
         "eval": generate_eval(args.num_eval, args.seed),
     }
     for name, records in outputs.items():

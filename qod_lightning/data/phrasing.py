@@ -296,7 +296,7 @@ def server_prose(server: str, rng: random.Random) -> str:
     return rng.choice(forms).format(server)
 
 
-def _profile_names(profile: str) -> tuple[str, str, str]:
+def profile_names(profile: str) -> tuple[str, str, str]:
     """``(code, letter, word)`` for a profile, e.g. ``("QOS_M", "M", "medium")``."""
     letter = profile.removeprefix("QOS_")
     return profile, letter, _PROFILE_WORDS.get(profile, profile)
@@ -315,7 +315,7 @@ def purpose_prose(spec: RequestSpec, rng: random.Random) -> str:
     """
     if spec.explicit_profile is None:
         return spec.use_case.prose  # type: ignore[union-attr]
-    code, letter, word = _profile_names(spec.explicit_profile)
+    code, letter, word = profile_names(spec.explicit_profile)
     named = "{c}" if word == code else "the {w} profile"
     if spec.use_case is None:
         forms = ("a {c} session", "a session with profile {c}", f"a QoD session on {named}")
@@ -337,7 +337,7 @@ def task_field(spec: RequestSpec, rng: random.Random) -> str:
     """
     if spec.explicit_profile is None:
         return spec.use_case.bare  # type: ignore[union-attr]
-    code, letter, word = _profile_names(spec.explicit_profile)
+    code, letter, word = profile_names(spec.explicit_profile)
     named = "{c} profile" if word == code else "{w} profile"
     if spec.use_case is None:
         return rng.choice(("{c}", "profile {c}", named, "profile {l}")).format(c=code, l=letter, w=word)
@@ -358,7 +358,7 @@ def profile_field(profile: str | None, rng: random.Random) -> str:
     """
     if profile is None:
         return ""
-    return rng.choice(tuple(dict.fromkeys(_profile_names(profile))))
+    return rng.choice(tuple(dict.fromkeys(profile_names(profile))))
 
 
 # --- extras: ports and webhook -------------------------------------------------------------

@@ -35,6 +35,7 @@ class PreferenceDataModule(TokenizedDataModule):
     """
 
     encoded_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "input_ids")
+    answer_key = "chosen"
 
     def read(self, path: str) -> list[dict[str, Any]]:
         """Read preference records; a pair whose chosen equals its rejected is an error.

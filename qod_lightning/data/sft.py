@@ -32,6 +32,7 @@ class SFTDataModule(TokenizedDataModule):
     """
 
     encoded_keys = ("input_ids", "labels")
+    answer_key = "response"
 
     def read(self, path: str) -> list[dict[str, Any]]:
         """Read ``{"instruction", "input", "response"}`` records.

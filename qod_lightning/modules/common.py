@@ -15,12 +15,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from qod_lightning.artifacts import check_writable
 from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import response_logps, sequence_logps
-from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
+from qod_lightning.model import ModelSettings, build_model, causal_lm, load_tokenizer, save_adapter
 
 
 def has_plain_lm_head(config: PretrainedConfig) -> bool:
@@ -28,7 +28,9 @@ def has_plain_lm_head(config: PretrainedConfig) -> bool:
     return not getattr(config, "final_logit_softcapping", None)
 
 
-def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logps(
+    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed target-token log-probs of each row of ``batch``.
 
     Runs the decoder, then the LM head on response positions only
@@ -36,22 +38,22 @@ def batch_logps(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch
     than ``lm_head(hidden)`` (logit soft-capping) take the full-logits path instead.
 
     Args:
-        model: The PEFT model (adapters active or disabled by the caller).
+        model: The PEFT model (adapters active or disabled by the caller), or a plain causal LM.
         batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
 
     Returns:
         ``(logps, counts)``, each (B,).
 
     """
-    causal_lm = model.get_base_model()
-    if not has_plain_lm_head(causal_lm.config):
+    lm = causal_lm(model)
+    if not has_plain_lm_head(lm.config):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sequence_logps(logits, batch["labels"])
-    decoder = causal_lm.get_decoder()
+    decoder = lm.get_decoder()
     hidden = decoder(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state  # (B, T, H)
-    return response_logps(hidden, causal_lm.get_output_embeddings(), batch["labels"])
+    return response_logps(hidden, lm.get_output_embeddings(), batch["labels"])
 
 
 class LinearWarmupDecay(LambdaLR):
@@ -252,7 +254,8 @@ class AdapterModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.settings.model_name_or_path)
         prompt_format = getattr(getattr(datamodule, "hparams", None), "prompt_format", None)
-        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name, prompt_format)
+        notes = getattr(datamodule, "answer_notes", False)
+        return save_adapter(self.model, tokenizer, Path(self.hparams.output_dir) / name, prompt_format, notes)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected optimizer and scheduler."""

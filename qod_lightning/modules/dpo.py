@@ -13,25 +13,26 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from qod_lightning.data.tokenize import IGNORE_INDEX
 from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
 from qod_lightning.losses import chosen_nll, dpo_loss
-from qod_lightning.model import ModelSettings, count_parameters
+from qod_lightning.model import ModelSettings, causal_lm, count_parameters
 from qod_lightning.modules.common import AdapterModule, batch_logps, has_plain_lm_head
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take a custom 4D mask, as packed pairs need."""
 
 
-def can_pack(model: PeftModel, batch: dict[str, torch.Tensor]) -> bool:
+def can_pack(model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]) -> bool:
     """Whether ``model`` scores ``batch``'s packed rows exactly as it scores the two-row layout.
 
     Needs an attention that takes a custom mask, a plain ``lm_head(hidden)`` output (no logit
     soft-capping), and, with sliding-window attention, every answer within the window of its
     prompt (the packed mask has no window).
     """
-    config = model.get_base_model().config
+    config = causal_lm(model).config
     if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
         return False
     if not has_plain_lm_head(config):
@@ -40,7 +41,9 @@ def can_pack(model: PeftModel, batch: dict[str, torch.Tensor]) -> bool:
     return window is None or int(batch["packed_positions"].max()) + 1 < window
 
 
-def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: bool = True) -> torch.Tensor:
+def pair_logps(
+    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor], share_prompt: bool = True
+) -> torch.Tensor:
     """Summed answer log-probs of a preference batch: (2B,), chosen answers then rejected ones.
 
     With ``share_prompt`` (and :func:`can_pack`), one packed row per pair runs each prompt
@@ -58,14 +61,14 @@ def pair_logps(model: PeftModel, batch: dict[str, torch.Tensor], share_prompt: b
     """
     if not (share_prompt and can_pack(model, batch)):
         return batch_logps(model, batch)[0]
-    causal_lm = model.get_base_model()
-    sdpa = causal_lm.config._attn_implementation == "sdpa"
-    dtype = causal_lm.get_input_embeddings().weight.dtype
+    lm = causal_lm(model)
+    sdpa = lm.config._attn_implementation == "sdpa"
+    dtype = lm.get_input_embeddings().weight.dtype
     mask = pair_attention_mask(batch["packed_segments"], None if sdpa else dtype)  # (B, 1, L, L)
-    hidden = causal_lm.get_decoder()(
+    hidden = lm.get_decoder()(
         input_ids=batch["packed_ids"], attention_mask=mask, position_ids=batch["packed_positions"], use_cache=False
     ).last_hidden_state  # (B, L, H)
-    return packed_pair_logps(hidden, causal_lm.get_output_embeddings(), batch)
+    return packed_pair_logps(hidden, lm.get_output_embeddings(), batch)
 
 
 def chosen_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

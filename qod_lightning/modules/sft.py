@@ -47,7 +47,8 @@ class SFTModule(AdapterModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
         trainable, total = count_parameters(self.model)
-        rank_zero_info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        share = 100 * trainable / total
+        rank_zero_info(f"{model.finetune}: {trainable:,} trainable of {total:,} parameters ({share:.2f}%)")
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logps, counts = batch_logps(self.model, batch)
