@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from bitsandbytes.functional import has_avx512bf16
 
 from qod_lightning.data.jsonl import read_objects
 from qod_lightning.data.tokenize import encode_prompt
@@ -42,11 +43,10 @@ def main() -> None:
     settings = ModelSettings(args.model, quantization=QuantizationSettings(load_in_4bit=True, compute_dtype="float32"))
     portable = load_base_model(settings).eval()
     packed = load_base_model(settings).eval()
+    own_choice = has_avx512bf16()
     for module in packed.modules():  # undo use_portable_4bit_kernels: bitsandbytes' own choice
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            from bitsandbytes.functional import has_avx512bf16
-
-            module.support_avx512bf16_for_cpu = has_avx512bf16()
+            module.support_avx512bf16_for_cpu = own_choice
     ids = prompt_batch(args.model, args.batch)
     models = {"portable (fp32)": portable, "bitsandbytes' choice": packed}
     times: dict[str, list[float]] = {name: [] for name in models}

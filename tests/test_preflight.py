@@ -22,6 +22,12 @@ def fit(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def fit_embedded_sft(capsys, model: str, *args: str) -> tuple[int, str]:
+    return fit(
+        capsys, "--config", "configs/embedded_sft.yaml", "--model.init_args.model.model_name_or_path", model, *args
+    )
+
+
 def test_the_designs_dpo_command_names_the_missing_sft_adapter_and_the_uncached_model(
     capsys, empty_hub_cache, tmp_path
 ):
@@ -50,28 +56,14 @@ def test_an_embedded_dpo_config_points_to_its_own_sft_config(capsys, empty_hub_c
 
 
 def test_a_missing_data_file_is_named(capsys, empty_hub_cache, tiny_model_dir):
-    code, err = fit(
-        capsys,
-        "--config",
-        "configs/embedded_sft.yaml",
-        "--model.init_args.model.model_name_or_path",
-        str(tiny_model_dir),
-        "--data.init_args.train_file",
-        "data/no_such_file.jsonl",
-    )
+    code, err = fit_embedded_sft(capsys, str(tiny_model_dir), "--data.init_args.train_file", "data/no_such_file.jsonl")
     assert code == 2
     assert err.startswith("error: data.train_file: data/no_such_file.jsonl does not exist")
     assert "python -m qod_lightning data generate" in err
 
 
 def test_a_hub_model_neither_cached_nor_reachable(capsys, empty_hub_cache, tiny_model_dir):
-    code, err = fit(
-        capsys,
-        "--config",
-        "configs/embedded_sft.yaml",
-        "--model.init_args.model.model_name_or_path",
-        "qod-tests/never-cached",
-    )
+    code, err = fit_embedded_sft(capsys, "qod-tests/never-cached")
     assert code == 2
     assert err.startswith("error: model qod-tests/never-cached is not in the local Hugging Face cache")
     assert "`hf download qod-tests/never-cached`" in err

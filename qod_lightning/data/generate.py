@@ -109,8 +109,7 @@ def generate_preferences(n: int, seed: int = 0, notes: bool = False) -> list[dic
         ``{"prompt", "chosen", "rejected"}`` records.
 
     """
-    rng = random.Random(f"qod-rejected-{seed}")
-    records = []
+    records: list[dict[str, str]] = []
     draws = n
     while len(records) < n:  # without notes, one pass; with them, later draws replace skipped ones
         records, rng = [], random.Random(f"qod-rejected-{seed}")
