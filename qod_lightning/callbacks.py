@@ -227,8 +227,8 @@ class Snapshots(L.Callback):
     ) -> None:
         """Count the batch's records; snapshot after every ``every_n_steps``-th optimizer step."""
         self._records += int(batch["input_ids"].shape[0]) * trainer.world_size
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and step not in {entry["step"] for entry in self.index}:
+        step = trainer.global_step  # the micro-batches of an accumulation window before the first step see 0
+        if step > 0 and step % self.every_n_steps == 0 and step not in {entry["step"] for entry in self.index}:
             self._snapshot(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

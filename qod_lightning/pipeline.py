@@ -41,7 +41,8 @@ class PipelineConfig:
         work_dir: Where adapters, reports and the comparison go.
         constrained: Also evaluate every model with schema-constrained decoding.
         max_eval_samples: Evaluate on the first N eval records only (``None``: all).
-        max_new_tokens: Generation budget per answer.
+        max_new_tokens: The most tokens generated per answer; each model gets the longest reference
+            answer in its own form plus a margin, up to this (:func:`answer_budget`).
         eval_batch_size: Requests per generation batch.
         eval_workers: Batches decoded at once in threads, on a CPU.
         on_policy_pairs: Train DPO on pairs whose rejected answers are the SFT model's own wrong
@@ -399,6 +400,35 @@ def _inputs_stamp(model: str, cfg: PipelineConfig, constrained: bool) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
+def answer_budget(model: str, eval_file: str, cap: int, margin: int = 16) -> int:
+    """Tokens enough for the longest reference answer of ``eval_file`` in the model's own form, plus ``margin``.
+
+    A model that never closes its JSON (the base model) decodes its whole budget for every
+    request; past the longest reference answer plus a margin, no answer can still match. A model
+    that writes a scratchpad note first gets room for it too: the note copies phrases of the
+    request, so the longest request bounds it.
+
+    Args:
+        model: Model or adapter directory, as evaluated (its tokenizer and saved answer form).
+        eval_file: JSONL of ``{"input", "expected"}`` records.
+        cap: The configured ``max_new_tokens``: the budget never exceeds it.
+        margin: Tokens allowed beyond the longest answer.
+
+    Returns:
+        ``min(cap, longest answer + margin)`` in the model's tokens.
+
+    """
+    from qod_lightning.data.jsonl import read_objects
+    from qod_lightning.model import load_tokenizer, saved_answer_notes
+
+    tokenizer = load_tokenizer(model)
+    records = [record for _, record in read_objects(eval_file)]
+    longest = max(len(tokenizer(json.dumps(r["expected"], separators=(",", ":"))).input_ids) for r in records)
+    if saved_answer_notes(model):
+        longest += max(len(tokenizer(r["input"]).input_ids) for r in records) + margin
+    return min(cap, longest + margin)
+
+
 def _stamp_path(report: Path) -> Path:
     return report.with_suffix(".inputs")
 
@@ -416,12 +446,7 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
     from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
 
     reports: dict[str, dict[str, Any]] = {}
-    options = {
-        "max_samples": cfg.max_eval_samples,
-        "max_new_tokens": cfg.max_new_tokens,
-        "batch_size": cfg.eval_batch_size,
-        "workers": cfg.eval_workers,
-    }
+    options = {"max_samples": cfg.max_eval_samples, "batch_size": cfg.eval_batch_size, "workers": cfg.eval_workers}
     order: list[str] = []  # the comparison's row order
     for name, path in models.items():
         labels = {False: name, True: f"{name}+constrained"} if cfg.constrained else {False: name}
@@ -446,13 +471,26 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
                 reports[labels[constrained]] = json.loads(out.read_text(encoding="utf-8"))
         if not todo:
             continue
-        print(f"[pipeline] evaluate {' and '.join(labels[c] for c in todo)} on {cfg.eval_file}")
+        # Constrained decoding keeps the whole budget: room for the grammar to close what the model left open.
+        budgets = {False: answer_budget(path, cfg.eval_file, cfg.max_new_tokens), True: cfg.max_new_tokens}
+        print(
+            f"[pipeline] evaluate {' and '.join(labels[c] for c in todo)} on {cfg.eval_file}, "
+            f"at most {' and '.join(str(budgets[c]) for c in todo)} new tokens"
+        )
         if len(todo) == 2:
-            both = evaluate_model_both(path, cfg.eval_file, outputs[False], outputs[True], **options)
+            both = evaluate_model_both(
+                path,
+                cfg.eval_file,
+                outputs[False],
+                outputs[True],
+                max_new_tokens=budgets[False],
+                constrained_max_new_tokens=budgets[True],
+                **options,
+            )
             reports.update(zip(labels.values(), both, strict=True))
         else:
             reports[labels[todo[0]]] = evaluate_model(
-                path, cfg.eval_file, outputs[todo[0]], constrained=todo[0], **options
+                path, cfg.eval_file, outputs[todo[0]], constrained=todo[0], max_new_tokens=budgets[todo[0]], **options
             )
         for constrained in todo:  # after the report: a run stopped in between redoes it
             atomic_write_text(_stamp_path(outputs[constrained]), stamps[constrained])

@@ -143,3 +143,24 @@ def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_mod
     assert seconds == sorted(seconds) and seconds[0] >= 0
     model, _ = load_for_inference(index[0]["path"])  # each snapshot is a model directory
     assert model is not None
+
+
+def test_snapshots_count_optimizer_steps_under_gradient_accumulation(tiny_model_dir, small_data, tmp_path):
+    """The micro-batches before the first optimizer step must not snapshot the untrained model as step 0."""
+    from qod_lightning.callbacks import Snapshots
+
+    module = SFTModule(ModelSettings(str(tiny_model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
+    data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=1)
+    trainer = L.Trainer(
+        max_steps=2,
+        accumulate_grad_batches=3,
+        callbacks=[Snapshots(every_n_steps=1)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    index = json.loads((tmp_path / "out/snapshots/index.json").read_text())
+    assert [(entry["step"], entry["records"]) for entry in index] == [(1, 3), (2, 6)]

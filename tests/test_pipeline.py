@@ -1,6 +1,7 @@
 """End to end: the pipeline command at smoke size, every artifact checked to exist and load."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -359,6 +360,7 @@ def test_what_was_made_from_a_retrained_stage_is_redone_even_after_a_crash(tmp_p
 
 def test_a_report_is_redone_when_its_model_data_or_settings_change(tmp_path, monkeypatch, capsys):
     import qod_lightning.commands.evaluate as evaluate
+    import qod_lightning.pipeline as pipeline
     from qod_lightning.pipeline import PipelineConfig, run_evaluations
 
     made = []
@@ -370,6 +372,7 @@ def test_a_report_is_redone_when_its_model_data_or_settings_change(tmp_path, mon
         return {"n": 1}
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(pipeline, "answer_budget", lambda model, eval_file, cap: cap)  # no tokenizer here
     adapter = tmp_path / "sft"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"one")
@@ -466,3 +469,22 @@ def test_on_policy_rejected_is_answer_or_fields():
 
     with pytest.raises(ValueError, match="on_policy_rejected must be 'answer' or 'fields', got 'field'"):
         PipelineConfig(on_policy_rejected="field")
+
+
+def test_the_answer_budget_is_the_longest_reference_answer_plus_a_margin(tiny_model_dir, tmp_path):
+    from qod_lightning.model import PROMPT_FILE, load_tokenizer
+    from qod_lightning.pipeline import answer_budget
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    records = [json.loads(line) for line in (REPO / "data/eval.jsonl").read_text().splitlines()[:5]]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers = max(len(tokenizer(json.dumps(r["expected"], separators=(",", ":"))).input_ids) for r in records)
+    requests = max(len(tokenizer(r["input"]).input_ids) for r in records)
+    assert answer_budget(str(tiny_model_dir), str(eval_file), cap=10_000, margin=7) == answers + 7
+    assert answer_budget(str(tiny_model_dir), str(eval_file), cap=20) == 20
+    # A model that writes a note first gets room for the request's phrases it copies.
+    noted = tmp_path / "noted"
+    shutil.copytree(tiny_model_dir, noted)
+    (noted / PROMPT_FILE).write_text(json.dumps({"prompt_format": "alpaca", "answer_notes": True}))
+    assert answer_budget(str(noted), str(eval_file), cap=10_000, margin=7) == answers + requests + 14

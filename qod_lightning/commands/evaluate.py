@@ -194,6 +194,7 @@ def evaluate_model_both(
     *,
     max_samples: int | None = None,
     max_new_tokens: int = 512,
+    constrained_max_new_tokens: int | None = None,
     batch_size: int = 8,
     workers: int = 1,
     prompt_format: PromptFormat | None = None,
@@ -218,6 +219,8 @@ def evaluate_model_both(
         constrained_output: The constrained report JSON.
         max_samples: Evaluate only the first N records.
         max_new_tokens: Tokens generated per answer.
+        constrained_max_new_tokens: Tokens per constrained answer (``None``: ``max_new_tokens``);
+            more room lets the grammar close an object that the unconstrained budget cut short.
         batch_size: Requests per generation batch.
         workers: Batches decoded at once in threads, on a CPU
             (:func:`~qod_lightning.generation.generate_tokens`).
@@ -257,6 +260,7 @@ def evaluate_model_both(
     if not do_sample:
         forced = grammar_accepted_starts(loaded, tokenizer, free, notes=options["notes"])
         accepted_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
+    options["max_new_tokens"] = constrained_max_new_tokens or max_new_tokens
     bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
     del loaded
     free_gpu_memory()
