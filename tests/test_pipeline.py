@@ -145,7 +145,7 @@ def test_the_smoke_config_runs_the_whole_job_on_the_embedded_model(tmp_path):
     from qod_lightning.cli import main
 
     config = yaml.safe_load((REPO / "configs/pipeline/smoke.yaml").read_text(encoding="utf-8"))
-    for key in ("sft_config", "dpo_config", "eval_file"):
+    for key in ("sft_config", "dpo_config", "eval_file", "dpo_train_file"):
         config[key] = str(REPO / config[key])
     config["work_dir"] = str(tmp_path / "work")
     config["fit_args"] += [
