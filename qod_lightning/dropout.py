@@ -1,8 +1,8 @@
 """Dropout for LoRA inputs whose mask costs one random 64-bit word per eight elements.
 
 On a CPU, ``torch.nn.Dropout`` draws one Mersenne-Twister number per element (``bernoulli_``).
-PEFT applies it to the input of each of the 210 adapted projections of SmolLM2-135M, and it took
-about a fifth of an SFT step on our 2-core machine (``torch.profiler``: 518 ms of 2.87 s, README).
+PEFT applies it to the input of each of the 210 adapted projections of SmolLM2-135M, a large share
+of a LoRA SFT step on a small CPU (profiled in ``docs/experiments.md``).
 :class:`ByteDropout` reads each element's keep decision from one random byte instead: a word of
 64 random bits decides eight elements. The drop probability is rounded to a multiple of 1/256
 (0.05 becomes 13/256 = 0.0508), and the kept values are scaled by ``1 / (1 - p)`` of that rounded

@@ -721,7 +721,7 @@ def map_in_threads(fn: Callable[[T], R], items: list[T], workers: int) -> Iterat
     Each thread gets an equal share of torch's intra-op threads (at least one), so the CPU is
     not oversubscribed. Batched decoding on a CPU gains from this: a decoding step's matmuls have
     few rows, which MKL splits poorly over threads, and one worker's Python and small ops overlap
-    the other's matmuls (README, "Where the main job stands"). Torch ops release the GIL.
+    the other's matmuls (measured in ``docs/experiments.md``). Torch ops release the GIL.
 
     Args:
         fn: Called once per item; it must be safe to run in several threads at once.

@@ -2,11 +2,9 @@
 
 Lightning's ``Strategy.teardown`` moves the LightningModule and the optimizer state back to the
 CPU after every ``fit``, so that the GPU memory is free for whatever follows. For a 4-bit
-Phi-3-mini that is a copy of about 3 GiB to host memory at the end of every stage: on a lent
-H200 our 32-step SFT stage spent 4.2 s outside its steps against TRL's 0.7 s, and its host RSS
-peaked at 4.9 GiB, against 2.0 GiB after its first step and TRL's 2.0 GiB peak
-(``benchmarks/README.md``). On a lent H100 the move alone took 1.7 to 2.0 s per stage. Nothing
-here uses the model on the CPU after ``fit``: the adapter is saved in ``on_fit_end``, and the
+Phi-3-mini that is a copy of about 3 GiB to host memory at the end of every stage, seconds of
+wall time and gigabytes of host memory that nothing uses (measured in ``benchmarks/README.md``).
+Nothing here uses the model on the CPU after ``fit``: the adapter is saved in ``on_fit_end``, and the
 next stage loads its own model. The GPU memory is returned when the module is freed
 (:func:`qod_lightning.model.free_gpu_memory`, which the pipeline calls between stages).
 """

@@ -172,9 +172,9 @@ class AdapterModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Choose the attention kernels; before fitting, check the adapter and checkpoint directories."""
         if self.trainer.strategy.root_device.type == "cuda":
-            # cuDNN's fused attention builds an execution graph for each new (batch, length) shape:
-            # 1.5-2 s per shape with a boolean mask on an H200 (benchmarks/README.md), and dynamic
-            # padding makes most batches a new shape. Flash and memory-efficient attention need no
+            # cuDNN's fused attention builds an execution graph for each new (batch, length) shape,
+            # seconds each with a boolean mask (benchmarks/README.md), and dynamic padding makes
+            # most batches a new shape. Flash and memory-efficient attention need no
             # per-shape build. Process-wide: it also holds for the generation callbacks.
             torch.backends.cuda.enable_cudnn_sdp(False)
         if stage != "fit" or not self.trainer.is_global_zero:
