@@ -119,24 +119,30 @@ def test_rejects_bad_settings():
         GenerationEvaluation(every_n_epochs=0)
 
 
-def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_model_dir, small_data, tmp_path):
+def snapshot_index(model_dir, train_file, tmp_path, batch_size: int, every_n_steps: int, **trainer_args) -> list:
+    """Fit the tiny model fully with :class:`Snapshots` and return its ``index.json`` entries."""
     from qod_lightning.callbacks import Snapshots
-    from qod_lightning.generation import load_for_inference
 
-    L.seed_everything(0)
-    module = SFTModule(ModelSettings(str(tiny_model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
-    data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=2)
+    module = SFTModule(ModelSettings(str(model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
+    data = SFTDataModule(str(model_dir), str(train_file), val_fraction=0.25, batch_size=batch_size)
     trainer = L.Trainer(
-        max_steps=5,
-        callbacks=[Snapshots(every_n_steps=2)],
+        callbacks=[Snapshots(every_n_steps=every_n_steps)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        **trainer_args,
     )
     trainer.fit(module, data)
-    index = json.loads((tmp_path / "out/snapshots/index.json").read_text())
+    return json.loads((tmp_path / "out/snapshots/index.json").read_text())
+
+
+def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_model_dir, small_data, tmp_path):
+    from qod_lightning.generation import load_for_inference
+
+    L.seed_everything(0)
+    index = snapshot_index(tiny_model_dir, small_data["sft"], tmp_path, batch_size=2, every_n_steps=2, max_steps=5)
     # 9 training records in batches of 2: the fifth step has one; the last step always gets a snapshot.
     assert [(entry["step"], entry["records"]) for entry in index] == [(2, 4), (4, 8), (5, 9)]
     seconds = [entry["train_seconds"] for entry in index]
@@ -147,20 +153,13 @@ def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_mod
 
 def test_snapshots_count_optimizer_steps_under_gradient_accumulation(tiny_model_dir, small_data, tmp_path):
     """The micro-batches before the first optimizer step must not snapshot the untrained model as step 0."""
-    from qod_lightning.callbacks import Snapshots
-
-    module = SFTModule(ModelSettings(str(tiny_model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
-    data = SFTDataModule(str(tiny_model_dir), str(small_data["sft"]), val_fraction=0.25, batch_size=1)
-    trainer = L.Trainer(
+    index = snapshot_index(
+        tiny_model_dir,
+        small_data["sft"],
+        tmp_path,
+        batch_size=1,
+        every_n_steps=1,
         max_steps=2,
         accumulate_grad_batches=3,
-        callbacks=[Snapshots(every_n_steps=1)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
     )
-    trainer.fit(module, data)
-    index = json.loads((tmp_path / "out/snapshots/index.json").read_text())
     assert [(entry["step"], entry["records"]) for entry in index] == [(1, 3), (2, 6)]
