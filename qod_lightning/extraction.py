@@ -27,7 +27,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-NOTE_REGEX = r'duration: ("[^"\n{}]*" = [0-9]+ (h|min|s)|none) = [0-9]+; use: "[^"\n{}]*" = QOS_[A-Z]+\n'
+NOTE_REGEX = r'duration: ("[^"\n{}]*"|none) = [0-9]+; use: "[^"\n{}]*" = QOS_[A-Z]+\n'
 """A scratchpad note (:mod:`qod_lightning.data.notes`) as the first line of an answer, newline included.
 
 Written in the regex syntax that both Python and xgrammar read (constrained decoding lets it open an answer)."""

@@ -7,7 +7,7 @@ import pytest
 
 from qod_lightning.data import generate as gen
 from qod_lightning.data.generate import sample_examples
-from qod_lightning.data.notes import duration_amount, make_note
+from qod_lightning.data.notes import make_note
 from qod_lightning.data.phrasing import USE_CASES
 from qod_lightning.data.spec import DeviceSpec, RequestSpec
 from qod_lightning.data.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES
@@ -16,10 +16,8 @@ from qod_lightning.validation import answer_problem
 
 GAMING = next(u for u in USE_CASES if u.bare == "online gaming")
 NOTE = re.compile(
-    r'duration: (?:"(?P<said>[^"]*)" = (?P<amount>\d+) (?P<unit>h|min|s)|none) = (?P<seconds>\d+); '
-    r'use: "(?P<use>[^"]*)" = (?P<profile>QOS_\w+)'
+    r'duration: (?:"(?P<said>[^"]*)"|none) = (?P<seconds>\d+); use: "(?P<use>[^"]*)" = (?P<profile>QOS_\w+)'
 )
-SECONDS_PER = {"h": 3600, "min": 60, "s": 1}
 
 
 def spec(**overrides) -> RequestSpec:
@@ -30,22 +28,7 @@ def spec(**overrides) -> RequestSpec:
 def test_a_note_quotes_the_duration_and_the_use_case_as_the_request_writes_them():
     text = "Need an Online Gaming session, device 203.0.113.75, server 192.0.2.200, for 2 hours"
     note = make_note(spec(duration=7200), text)
-    assert note == 'duration: "for 2 hours" = 2 h = 7200; use: "an Online Gaming session" = QOS_E'  # the longest
-
-
-@pytest.mark.parametrize(
-    ("seconds", "amount"),
-    [(86400, "24 h"), (3600, "1 h"), (5400, "90 min"), (8100, "135 min"), (120, "2 min"), (90, "90 s")],
-)
-def test_the_amount_is_the_length_in_its_largest_whole_unit(seconds, amount):
-    assert duration_amount(seconds) == amount
-
-
-def test_the_amount_follows_the_phrase_whatever_its_wording():
-    text = "online gaming, 203.0.113.75 to 192.0.2.200, for an hour and a half"
-    assert make_note(spec(duration=5400), text) == (
-        'duration: "for an hour and a half" = 90 min = 5400; use: "online gaming" = QOS_E'
-    )
+    assert note == 'duration: "for 2 hours" = 7200; use: "an Online Gaming session" = QOS_E'  # the longest wording
 
 
 def test_no_duration_is_said_as_none_with_the_default():
@@ -82,8 +65,6 @@ def test_notes_of_generated_requests_quote_them_and_agree_with_the_answer(split,
         assert parts, note
         assert parts["use"] in text and (parts["said"] is None or parts["said"] in text)
         assert int(parts["seconds"]) == (request_spec.duration or 86400)
-        if parts["said"] is not None:
-            assert int(parts["amount"]) * SECONDS_PER[parts["unit"]] == request_spec.duration
         assert parts["profile"] == request_spec.profile
     assert found >= 0.99 * 400  # only a bare profile letter in a terse template has no phrase
 

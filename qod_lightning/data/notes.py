@@ -2,13 +2,10 @@
 
 A model that must write ``"duration": 900`` straight after the device and server values has to
 find "for 15 min" among the request's many numbers at that token. A note lets it first copy the
-phrase, then restate it as a number and one unit, then convert that, then write the JSON::
+phrase, then convert it, then write the JSON::
 
-    duration: "for a quarter of an hour" = 15 min = 900; use: "HD dashcam upload" = QOS_M
+    duration: "for 15 min" = 900; use: "HD dashcam upload" = QOS_M
     {"device": ..., "duration": 900}
-
-The amount in one unit (:func:`duration_amount`) splits the conversion in two: wordings to a
-few dozen ``N unit`` forms, then those forms to seconds, each step seen in many records.
 
 The phrases are found in the request text the generator rendered, among the wordings it chose
 (:func:`make_note`), so the note never holds words the request does not. Evaluation scores the
@@ -59,15 +56,6 @@ def use_phrase(spec: RequestSpec, text: str) -> str | None:
     return _find(text, [spec.use_case.prose, spec.use_case.bare])
 
 
-def duration_amount(seconds: int) -> str:
-    """A length in its largest whole unit: ``"2 h"``, ``"90 min"``, ``"45 s"``."""
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} h"
-    if seconds % 60 == 0:
-        return f"{seconds // 60} min"
-    return f"{seconds} s"
-
-
 def make_note(spec: RequestSpec, text: str) -> str | None:
     """The note line for a generated request, or ``None`` when a phrase cannot be found in ``text``.
 
@@ -76,15 +64,15 @@ def make_note(spec: RequestSpec, text: str) -> str | None:
         text: The rendered request.
 
     Returns:
-        ``duration: "PHRASE" = AMOUNT = SECONDS; use: "PHRASE" = PROFILE`` (``duration: none =
-        86400`` when the request states no length), without a newline.
+        ``duration: "PHRASE" = SECONDS; use: "PHRASE" = PROFILE`` (``duration: none = 86400``
+        when the request states no length), without a newline.
 
     """
     use = use_phrase(spec, text)
     duration = duration_phrase(spec, text)
     if use is None or (spec.duration is not None and duration is None):
         return None
-    said = "none" if spec.duration is None else f'"{duration}" = {duration_amount(spec.duration)}'
+    said = "none" if duration is None else f'"{duration}"'
     return f'duration: {said} = {spec.duration or DEFAULT_DURATION}; use: "{use}" = {spec.profile}'
 
 
