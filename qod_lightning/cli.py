@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] != "generate":
             print("usage: python -m qod_lightning data generate [--help]", file=sys.stderr)
             return 2
-        from qod_lightning.data.generate import main as generate_main
+        from qod_lightning.data.generator.generate import main as generate_main
 
         return generate_main(rest[1:])
     if command == "pipeline":

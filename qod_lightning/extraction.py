@@ -28,7 +28,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 NOTE_REGEX = r'duration: ("[^"\n{}]*"|none) = [0-9]+; use: "[^"\n{}]*" = QOS_[A-Z]+\n'
-"""A scratchpad note (:mod:`qod_lightning.data.notes`) as the first line of an answer, newline included.
+"""A scratchpad note (:mod:`qod_lightning.data.generator.notes`) as an answer's first line, newline included.
 
 Written in the regex syntax that both Python and xgrammar read (constrained decoding lets it open an answer)."""
 NOTE_LINE = re.compile(NOTE_REGEX)

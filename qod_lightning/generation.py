@@ -223,8 +223,9 @@ class GrammarCache:
             vocab_size: The model's output size, which may exceed ``len(tokenizer)`` (padded
                 embedding matrices); the logits mask must cover every id.
             notes: Also allow a scratchpad note line before the request (a model trained on
-                notes writes one, :mod:`qod_lightning.data.notes`). Off for other models: an
-                untrained one would otherwise ramble in the note until its budget runs out.
+                notes writes one, :mod:`qod_lightning.data.generator.notes`). Off for other
+                models: an untrained one would otherwise ramble in the note until its budget runs
+                out.
 
         Returns:
             An ``xgrammar.CompiledGrammar``.

@@ -5,12 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from qod_lightning.data import generate as gen
-from qod_lightning.data import rejected as rej
-from qod_lightning.data.phrasing import USE_CASES, duration_wordings
+from qod_lightning.data.generator import generate as gen
+from qod_lightning.data.generator import rejected as rej
+from qod_lightning.data.generator.phrasing import USE_CASES, duration_wordings
+from qod_lightning.data.generator.spec import (
+    DeviceSpec,
+    PortSpec,
+    RequestSpec,
+    WebhookSpec,
+    sample_duration,
+    sample_spec,
+)
+from qod_lightning.data.generator.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES, fill_frame, render_request
 from qod_lightning.data.prompts import SYSTEM_PROMPT, dump_request
-from qod_lightning.data.spec import DeviceSpec, PortSpec, RequestSpec, WebhookSpec, sample_duration, sample_spec
-from qod_lightning.data.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES, fill_frame, render_request
 from qod_lightning.schema import DEFAULT_DURATION, QOS_PROFILES, TOP_LEVEL_KEYS
 from qod_lightning.validation import validate_request
 

@@ -5,12 +5,12 @@ import re
 
 import pytest
 
-from qod_lightning.data import generate as gen
-from qod_lightning.data.generate import sample_examples
-from qod_lightning.data.notes import make_note
-from qod_lightning.data.phrasing import USE_CASES
-from qod_lightning.data.spec import DeviceSpec, RequestSpec
-from qod_lightning.data.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES
+from qod_lightning.data.generator import generate as gen
+from qod_lightning.data.generator.generate import sample_examples
+from qod_lightning.data.generator.notes import make_note
+from qod_lightning.data.generator.phrasing import USE_CASES
+from qod_lightning.data.generator.spec import DeviceSpec, RequestSpec
+from qod_lightning.data.generator.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES
 from qod_lightning.extraction import extract_json, split_note
 from qod_lightning.validation import answer_problem
 

@@ -11,7 +11,7 @@ from jsonschema import Draft4Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from qod_lightning.data import generate as gen
+from qod_lightning.data.generator import generate as gen
 from qod_lightning.schema import DEFINED_KEYS, PHONE_PATTERN, QOS_PROFILES, REQUEST_SCHEMA, REQUIRED_KEYS, VALIDATOR
 
 # CI checks the shared reference data out beside the repository.

@@ -1,13 +1,14 @@
 """Generate the synthetic datasets: SFT pairs, preference triples and the held-out evaluation set.
 
-Each record samples a structured request (:func:`~qod_lightning.data.spec.sample_spec`), derives
-the canonical answer from it (:func:`canonical_request`) and renders the request text from a
-phrasing template. Training records (SFT, preferences) use :data:`TRAIN_TEMPLATES`; the evaluation
-set uses the disjoint :data:`EVAL_TEMPLATES`. A seed fixes every file byte for byte.
+Each record samples a structured request
+(:func:`~qod_lightning.data.generator.spec.sample_spec`), derives the canonical answer from it
+(:func:`canonical_request`) and renders the request text from a phrasing template. Training
+records (SFT, preferences) use :data:`TRAIN_TEMPLATES`; the evaluation set uses the disjoint
+:data:`EVAL_TEMPLATES`. A seed fixes every file byte for byte.
 
 Usage::
 
-    python -m qod_lightning.data.generate --out-dir data
+    python -m qod_lightning data generate --out-dir data
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qod_lightning.data.notes import make_note, note_for_answer
-from qod_lightning.data.phrasing import USE_CASES
+from qod_lightning.data.generator.notes import make_note, note_for_answer
+from qod_lightning.data.generator.phrasing import USE_CASES
+from qod_lightning.data.generator.rejected import make_rejected
+from qod_lightning.data.generator.spec import RequestSpec, canonical_request, sample_spec
+from qod_lightning.data.generator.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES, Template, render_request
 from qod_lightning.data.prompts import SYSTEM_PROMPT, dump_request
-from qod_lightning.data.rejected import make_rejected
-from qod_lightning.data.spec import RequestSpec, canonical_request, sample_spec
-from qod_lightning.data.templates import EVAL_TEMPLATES, TRAIN_TEMPLATES, Template, render_request
 
 __all__ = [
     "canonical_request",
@@ -67,9 +68,10 @@ def generate_sft(n: int, seed: int = 0, notes: bool = False) -> list[dict[str, s
     Args:
         n: Number of records.
         seed: Random seed.
-        notes: Start each response with a scratchpad note line (:mod:`qod_lightning.data.notes`).
-            The few requests whose phrases the note cannot quote (a bare profile letter in a terse
-            template) are skipped, and later draws of the same stream take their place.
+        notes: Start each response with a scratchpad note line
+            (:mod:`qod_lightning.data.generator.notes`). The few requests whose phrases the note
+            cannot quote (a bare profile letter in a terse template) are skipped, and later draws of
+            the same stream take their place.
 
     Returns:
         ``{"instruction", "input", "response"}`` records; ``response`` is the compact canonical JSON,
@@ -100,10 +102,10 @@ def generate_preferences(n: int, seed: int = 0, notes: bool = False) -> list[dic
     Args:
         n: Number of records.
         seed: Random seed.
-        notes: Open both answers with a scratchpad note (:mod:`qod_lightning.data.notes`): the
-            chosen one's, and for the rejected one the same phrases with the duration and profile
-            its JSON holds, so a wrong decision is wrong from the note on. Requests whose phrases
-            the note cannot quote are skipped, as in :func:`generate_sft`.
+        notes: Open both answers with a scratchpad note (:mod:`qod_lightning.data.generator.notes`):
+            the chosen one's, and for the rejected one the same phrases with the duration and
+            profile its JSON holds, so a wrong decision is wrong from the note on. Requests whose
+            phrases the note cannot quote are skipped, as in :func:`generate_sft`.
 
     Returns:
         ``{"prompt", "chosen", "rejected"}`` records.

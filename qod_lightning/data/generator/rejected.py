@@ -15,9 +15,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from qod_lightning.data.phrasing import duration_wordings
+from qod_lightning.data.generator.phrasing import duration_wordings
+from qod_lightning.data.generator.spec import IPV4_DOC_NETWORKS
 from qod_lightning.data.prompts import dump_request
-from qod_lightning.data.spec import IPV4_DOC_NETWORKS
 from qod_lightning.schema import QOS_PROFILES
 
 Body = dict[str, Any]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from qod_lightning.data.spec import DeviceSpec, PortSpec, RequestSpec, UseCase, WebhookSpec
+from qod_lightning.data.generator.spec import DeviceSpec, PortSpec, RequestSpec, UseCase, WebhookSpec
 
 USE_CASES: tuple[UseCase, ...] = (
     # QOS_E: latency-sensitive interaction.

@@ -3,8 +3,8 @@
 A :class:`RequestSpec` holds what a user's request says (identifiers, addresses, ports, duration,
 use case or explicit profile, webhook). :func:`sample_spec` draws one at random from realistic
 documentation-range values; :func:`canonical_request` turns one into the single correct answer.
-The text of the request is rendered separately (:mod:`qod_lightning.data.phrasing`), so the
-answer never depends on the wording.
+The text of the request is rendered separately (:mod:`qod_lightning.data.generator.phrasing`),
+so the answer never depends on the wording.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from qod_lightning.data import phrasing
-from qod_lightning.data.spec import RequestSpec
+from qod_lightning.data.generator import phrasing
+from qod_lightning.data.generator.spec import RequestSpec
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def render_extras(items: list[phrasing.Extra], style_name: str, rng: random.Rand
     """Write the optional parts of a request in a template's extras style.
 
     Args:
-        items: The parts, from :func:`~qod_lightning.data.phrasing.extras`.
+        items: The parts, from :func:`~qod_lightning.data.generator.phrasing.extras`.
         style_name: ``"prose"`` or a key of :data:`EXTRAS_STYLES`.
         rng: The random source.
 

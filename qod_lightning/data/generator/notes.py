@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 
-from qod_lightning.data.phrasing import duration_wordings, profile_names
-from qod_lightning.data.spec import RequestSpec
+from qod_lightning.data.generator.phrasing import duration_wordings, profile_names
+from qod_lightning.data.generator.spec import RequestSpec
 from qod_lightning.extraction import extract_json
 from qod_lightning.schema import DEFAULT_DURATION
 
