@@ -19,8 +19,8 @@ import torch
 
 from qod_lightning.data.sft import SFTDataModule
 from qod_lightning.dropout import use_byte_dropout
+from qod_lightning.logprobs import batch_logps
 from qod_lightning.model import LoRASettings, ModelSettings, build_model
-from qod_lightning.modules.common import batch_logps
 
 WAYS = ("torch.nn.Dropout", "ByteDropout", "no dropout")
 

@@ -1,19 +1,32 @@
-"""Log-probabilities of target tokens, summed per sequence.
+"""Scoring a batch: summed log-probs of answer tokens, in rows or in packed preference pairs.
 
-Two entry points compute the same numbers: :func:`sequence_logps` from full logits (the reference
-definition the tests use) and :func:`response_logps` from hidden states, which applies the LM head
-only at response positions: prompt and padding logits are never needed, and on a 49k-token
-vocabulary they are most of the work and memory of the head. :func:`packed_pair_logps` does the
-same for preference pairs packed one row each (:mod:`qod_lightning.data.packing`).
+The one home of how a batch is scored. :func:`sequence_logps` computes the numbers from full
+logits (the reference definition the tests use) and :func:`response_logps` from hidden states,
+applying the LM head only at response positions: prompt and padding logits are never needed, and
+on a 49k-token vocabulary they are most of the work and memory of the head. :func:`batch_logps`
+runs a model on a batch of rows. Preference pairs packed one row each
+(:mod:`qod_lightning.data.packing` lays them out with this module's segment ids) are scored by
+:func:`pair_logps` when :func:`can_pack` says the packed row gives the two-row numbers: it runs the
+decoder under :func:`pair_attention_mask` and gathers with :func:`packed_pair_logps`.
 """
 
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
-from qod_lightning.data.packing import CHOSEN, PAD, REJECTED
-from qod_lightning.data.tokenize import IGNORE_INDEX
+from qod_lightning.model import causal_lm
+
+IGNORE_INDEX = -100
+"""Label value that the loss and the log-prob functions skip (PyTorch's cross-entropy default)."""
+
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+"""Segment ids of a packed ``prompt | chosen | rejected`` row."""
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom 4D mask, as packed pairs need."""
 
 
 def _shift(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +101,7 @@ def pair_attention_mask(segments: torch.Tensor, float_dtype: torch.dtype | None 
     times a zero gradient is still NaN).
 
     Args:
-        segments: (B, L) segment ids (``PAD``, ``PROMPT``, ``CHOSEN``, ``REJECTED``).
+        segments: (B, L) segment ids (:data:`PAD`, :data:`PROMPT`, :data:`CHOSEN`, :data:`REJECTED`).
         float_dtype: ``None`` for a boolean mask (True: may attend), as SDPA takes it; a float
             dtype for an additive mask (0 or the dtype's minimum), as eager attention takes it.
 
@@ -129,3 +142,82 @@ def packed_pair_logps(hidden: torch.Tensor, lm_head: nn.Module, batch: dict[str,
     slots = rows + hidden.size(0) * (segments[rows, cols] == REJECTED)  # (N,) chosen: b, rejected: B + b
     logps = torch.zeros(2 * hidden.size(0), dtype=per_token.dtype, device=per_token.device)
     return logps.index_add(0, slots, per_token)
+
+
+def has_plain_lm_head(config: PretrainedConfig) -> bool:
+    """Whether the causal-LM's logits are just ``lm_head(hidden)`` (no logit soft-capping)."""
+    return not getattr(config, "final_logit_softcapping", None)
+
+
+def batch_logps(
+    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target-token log-probs of each row of ``batch``.
+
+    Runs the decoder, then the LM head on response positions only (:func:`response_logps`).
+    Models whose causal-LM forward does more than ``lm_head(hidden)`` (logit soft-capping) take
+    the full-logits path instead.
+
+    Args:
+        model: The PEFT model (adapters active or disabled by the caller), or a plain causal LM.
+        batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
+
+    Returns:
+        ``(logps, counts)``, each (B,).
+
+    """
+    lm = causal_lm(model)
+    if not has_plain_lm_head(lm.config):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sequence_logps(logits, batch["labels"])
+    decoder = lm.get_decoder()
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    return response_logps(hidden, lm.get_output_embeddings(), batch["labels"])
+
+
+def can_pack(model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether ``model`` scores ``batch``'s packed rows exactly as it scores the two-row layout.
+
+    Needs an attention that takes a custom mask, a plain ``lm_head(hidden)`` output (no logit
+    soft-capping), and, with sliding-window attention, every answer within the window of its
+    prompt (the packed mask has no window).
+    """
+    config = causal_lm(model).config
+    if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
+        return False
+    if not has_plain_lm_head(config):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or int(batch["packed_positions"].max()) + 1 < window
+
+
+def pair_logps(
+    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor], share_prompt: bool = True
+) -> torch.Tensor:
+    """Summed answer log-probs of a preference batch: (2B,), chosen answers then rejected ones.
+
+    With ``share_prompt`` (and :func:`can_pack`), one packed row per pair runs each prompt
+    through the model once (:mod:`qod_lightning.data.packing`); otherwise the chosen and the
+    rejected answer each get their own row. Both give the same numbers (tests/test_packing.py).
+
+    Args:
+        model: The PEFT model.
+        batch: A :class:`~qod_lightning.data.preference.PreferenceDataModule` batch.
+        share_prompt: Use the packed rows when the model allows it.
+
+    Returns:
+        (2B,) log-probs.
+
+    """
+    if not (share_prompt and can_pack(model, batch)):
+        return batch_logps(model, batch)[0]
+    lm = causal_lm(model)
+    sdpa = lm.config._attn_implementation == "sdpa"
+    dtype = lm.get_input_embeddings().weight.dtype
+    mask = pair_attention_mask(batch["packed_segments"], None if sdpa else dtype)  # (B, 1, L, L)
+    hidden = lm.get_decoder()(
+        input_ids=batch["packed_ids"], attention_mask=mask, position_ids=batch["packed_positions"], use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    return packed_pair_logps(hidden, lm.get_output_embeddings(), batch)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qod_lightning.bench import report
-from qod_lightning.bench.common import BenchOptions, write_cycled_jsonl
+from qod_lightning.bench.data import write_cycled_jsonl
+from qod_lightning.bench.options import BenchOptions
 from qod_lightning.commands.bench import main
 
 RUN_KEYS = {
@@ -45,7 +46,8 @@ def test_cycled_jsonl_has_exactly_the_requested_records(tmp_path, small_data):
 
 
 def test_prompt_repeat_makes_every_sft_example_fill_max_length(tmp_path, tiny_model_dir, small_data):
-    from qod_lightning.bench.common import StageSpec, data_module, sequence_tokens
+    from qod_lightning.bench.data import data_module, sequence_tokens
+    from qod_lightning.bench.options import StageSpec
 
     out = write_cycled_jsonl(small_data["sft"], 6, tmp_path / "x.jsonl", prompt_repeat=20)
     first = json.loads(out.read_text().splitlines()[0])

@@ -1,11 +1,14 @@
-"""sequence_logps / response_logps against a hand loop over tokens."""
+"""sequence_logps / response_logps against a hand loop over tokens; batch_logps against one row at a time."""
 
 import math
 
 import pytest
 import torch
 
-from qod_lightning.logprobs import response_logps, sequence_logps
+from qod_lightning.data.preference import PreferenceDataModule
+from qod_lightning.logprobs import batch_logps, response_logps, sequence_logps
+from qod_lightning.model import ModelSettings
+from qod_lightning.modules import DPOModule
 
 pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
 
@@ -73,3 +76,19 @@ def test_gradients_flow_only_through_response_positions():
     sequence_logps(logits, labels)[0].sum().backward()
     assert torch.all(logits.grad[2] == 0)  # empty response: no gradient at all
     assert torch.all(logits.grad[0, :2] == 0)  # positions predicting prompt tokens
+
+
+def test_concatenated_pass_equals_separate_passes(tiny_model_dir, small_data):
+    dm = PreferenceDataModule(str(tiny_model_dir), str(small_data["preferences"]), val_fraction=0.0, batch_size=3)
+    dm.setup("fit")
+    module = DPOModule(ModelSettings(str(tiny_model_dir)))
+    module.model.eval()
+    items = [dm.train_set[i] for i in range(3)]
+    together, _ = batch_logps(module.model, dm.collate(items))
+    for k, key in enumerate(("chosen_ids", "rejected_ids")):
+        for j, item in enumerate(items):
+            ids = torch.tensor([item["prompt_ids"] + item[key]])
+            labels = torch.tensor([[-100] * len(item["prompt_ids"]) + item[key]])
+            logits = module.model(input_ids=ids).logits
+            alone, _ = sequence_logps(logits, labels)
+            torch.testing.assert_close(together[k * 3 + j], alone[0], rtol=1e-4, atol=1e-4)

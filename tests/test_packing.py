@@ -5,10 +5,19 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from qod_lightning.data.packing import CHOSEN, PAD, PROMPT, REJECTED, pack_pair, pack_pairs
-from qod_lightning.data.tokenize import IGNORE_INDEX, pad_batch
-from qod_lightning.logprobs import pair_attention_mask, sequence_logps
-from qod_lightning.modules.dpo import can_pack, pair_logps
+from qod_lightning.data.packing import pack_pair, pack_pairs
+from qod_lightning.data.tokenize import pad_batch
+from qod_lightning.logprobs import (
+    CHOSEN,
+    IGNORE_INDEX,
+    PAD,
+    PROMPT,
+    REJECTED,
+    can_pack,
+    pair_attention_mask,
+    pair_logps,
+    sequence_logps,
+)
 
 pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qod_lightning.bench.common import current_rss_mb, peak_rss_mb, process_peak_rss_mb, reset_peak_rss
+from qod_lightning.bench.memory import current_rss_mb, peak_rss_mb, process_peak_rss_mb, reset_peak_rss
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from qod_lightning.bench.common import (
-    StageSpec,
-    current_rss_mb,
-    data_module,
-    first_batches,
-    model_settings,
-    stage_clock,
-    summarize,
-    synchronize,
-    training_order,
-    warm_up,
-)
+from qod_lightning.bench.data import data_module, first_batches, training_order
+from qod_lightning.bench.memory import current_rss_mb
+from qod_lightning.bench.model import model_settings
+from qod_lightning.bench.options import StageSpec
+from qod_lightning.bench.timing import stage_clock, summarize, synchronize, warm_up
 from qod_lightning.modules.dpo import DPOModule
 from qod_lightning.modules.sft import SFTModule
 from qod_lightning.strategy import KeepOnDeviceStrategy
@@ -141,7 +134,7 @@ def run_ours(spec: StageSpec) -> dict[str, Any]:
         spec: The run (``framework == "ours"``).
 
     Returns:
-        The result record (see :func:`~qod_lightning.bench.common.summarize`).
+        The result record (see :func:`~qod_lightning.bench.timing.summarize`).
     """
     torch.set_num_threads(spec.threads)
     if spec.import_trl:  # the same libraries in memory as TRL's run (see StageSpec.import_trl)

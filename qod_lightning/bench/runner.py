@@ -1,7 +1,7 @@
 """Orchestration: prepare model and data once, run every stage in its own process, compare, report.
 
 What is timed, per training run: the stage clock starts after the model is loaded, the data is
-tokenized and :func:`~qod_lightning.bench.common.warm_up` has run, and stops when ``Trainer.fit``
+tokenized and :func:`~qod_lightning.bench.timing.warm_up` has run, and stops when ``Trainer.fit``
 (ours, Lightning's teardown included) or ``train()`` (TRL's) returns. It covers building the
 framework's trainer and the whole fit, including the reference log-prob pass: ours in
 ``DPOModule.on_fit_start``, TRL's in ``DPOTrainer.__init__`` when ``precompute_ref_log_probs=True``,
@@ -23,18 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qod_lightning.bench import report
-from qod_lightning.bench.common import (
-    LEARNING_RATES,
-    RSS_METHOD,
-    STAGES,
-    BenchOptions,
-    StageSpec,
-    make_start_adapter,
-    weight_dtype,
-    write_cycled_jsonl,
-)
+from qod_lightning.bench.data import write_cycled_jsonl
 from qod_lightning.bench.gpu import describe_gpu, mfu, parameter_count
 from qod_lightning.bench.inference import GenerationSpec, run_generation
+from qod_lightning.bench.memory import RSS_METHOD
+from qod_lightning.bench.model import make_start_adapter, weight_dtype
+from qod_lightning.bench.options import LEARNING_RATES, STAGES, BenchOptions, StageSpec
 
 T = TypeVar("T")
 R = TypeVar("R")

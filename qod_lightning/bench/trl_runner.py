@@ -43,18 +43,11 @@ from torch.utils.data import Sampler, SequentialSampler
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from qod_lightning.bench.common import (
-    StageSpec,
-    current_rss_mb,
-    data_module,
-    first_batches,
-    model_settings,
-    stage_clock,
-    summarize,
-    synchronize,
-    training_order,
-    warm_up,
-)
+from qod_lightning.bench.data import data_module, first_batches, training_order
+from qod_lightning.bench.memory import current_rss_mb
+from qod_lightning.bench.model import model_settings
+from qod_lightning.bench.options import StageSpec
+from qod_lightning.bench.timing import stage_clock, summarize, synchronize, warm_up
 from qod_lightning.model import build_model
 
 
@@ -218,7 +211,7 @@ def run_trl(spec: StageSpec) -> dict[str, Any]:
         spec: The run (``framework == "trl"``).
 
     Returns:
-        The result record (see :func:`~qod_lightning.bench.common.summarize`).
+        The result record (see :func:`~qod_lightning.bench.timing.summarize`).
     """
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)

@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    """Turn parsed arguments into :class:`~qod_lightning.bench.common.BenchOptions` (files checked)."""
-    from qod_lightning.bench.common import BenchOptions
+    """Turn parsed arguments into :class:`~qod_lightning.bench.options.BenchOptions` (files checked)."""
+    from qod_lightning.bench.options import BenchOptions
 
     if args.device == "cuda":
         import torch

@@ -5,7 +5,8 @@ The chosen and the rejected answer of a pair share their prompt. Scoring them as
 the prompt is over half of the tokens. A packed row ``prompt | chosen | rejected`` runs it once:
 positions restart at the prompt's length for the rejected answer, and an attention mask
 (:func:`~qod_lightning.logprobs.pair_attention_mask`) keeps the rejected tokens from seeing the
-chosen ones, so every answer token sees exactly what it would see in its own row.
+chosen ones, so every answer token sees exactly what it would see in its own row. The segment ids
+and the ignored target value are the scorer's (:mod:`qod_lightning.logprobs`), which reads them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from typing import Any
 
 import torch
 
-from qod_lightning.data.tokenize import IGNORE_INDEX, padded_length
-
-PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
-"""Segment ids of a packed row."""
+from qod_lightning.data.tokenize import padded_length
+from qod_lightning.logprobs import CHOSEN, IGNORE_INDEX, PAD, PROMPT, REJECTED
 
 
 def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
@@ -33,7 +32,8 @@ def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict
 
         * ``ids``: the tokens;
         * ``positions``: position ids, ``0..P+C-1`` then ``P..P+R-1`` for the rejected answer;
-        * ``segments``: :data:`PROMPT`, :data:`CHOSEN` or :data:`REJECTED` per token;
+        * ``segments``: :data:`~qod_lightning.logprobs.PROMPT`, :data:`~qod_lightning.logprobs.CHOSEN` or
+          :data:`~qod_lightning.logprobs.REJECTED` per token;
         * ``targets``: the answer tokens, ``-100`` on the prompt;
         * ``sources``: for each answer token, the index of the hidden state that predicts it
           (``t - 1``, except the first rejected token, predicted from the prompt's last token);
@@ -65,7 +65,7 @@ def pack_pairs(items: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_o
 
     Returns:
         ``packed_ids``, ``packed_positions``, ``packed_segments``, ``packed_targets`` and
-        ``packed_sources``, each (B, L); padding has segment :data:`PAD`, target ``-100``,
+        ``packed_sources``, each (B, L); padding has segment :data:`~qod_lightning.logprobs.PAD`, target ``-100``,
         position and source 0.
 
     """

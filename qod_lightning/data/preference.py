@@ -11,13 +11,8 @@ from qod_lightning.data.jsonl import DataError, read_jsonl
 from qod_lightning.data.packing import pack_pairs
 from qod_lightning.data.prompts import SYSTEM_PROMPT
 from qod_lightning.data.sft import warn_about_records
-from qod_lightning.data.tokenize import (
-    IGNORE_INDEX,
-    encode_prompt,
-    encode_response,
-    fit_to_length,
-    pad_batch,
-)
+from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, pad_batch
+from qod_lightning.logprobs import IGNORE_INDEX
 
 PREFERENCE_RECORD = {"prompt": str, "chosen": str, "rejected": str}
 

@@ -11,13 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qod_lightning.data.base import TokenizedDataModule
 from qod_lightning.data.jsonl import describe_duplicates, duplicate_lines, read_jsonl
 from qod_lightning.data.prompts import SYSTEM_PROMPT
-from qod_lightning.data.tokenize import (
-    IGNORE_INDEX,
-    encode_prompt,
-    encode_response,
-    fit_to_length,
-    pad_batch,
-)
+from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, pad_batch
+from qod_lightning.logprobs import IGNORE_INDEX
 from qod_lightning.validation import answer_problem
 
 SFT_RECORD = {"instruction": str, "input": str, "response": str}

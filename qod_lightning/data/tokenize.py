@@ -14,11 +14,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qod_lightning.data.prompts import SYSTEM_PROMPT, format_alpaca
+from qod_lightning.logprobs import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-"""Label value that the loss and the log-prob functions skip (PyTorch's cross-entropy default)."""
 
 PromptFormat = Literal["alpaca", "chat"]
 

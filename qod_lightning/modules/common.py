@@ -1,4 +1,4 @@
-"""What both LightningModules share: scoring a batch, optimizers and schedules, checkpoints, adapter saving."""
+"""What both LightningModules share: optimizers and schedules, checkpoints, adapter saving."""
 
 from __future__ import annotations
 
@@ -12,48 +12,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
-from peft import PeftModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PretrainedConfig, PreTrainedModel
 
 from qod_lightning.artifacts import check_writable
-from qod_lightning.data.tokenize import IGNORE_INDEX
-from qod_lightning.logprobs import response_logps, sequence_logps
-from qod_lightning.model import ModelSettings, build_model, causal_lm, load_tokenizer, save_adapter
-
-
-def has_plain_lm_head(config: PretrainedConfig) -> bool:
-    """Whether the causal-LM's logits are just ``lm_head(hidden)`` (no logit soft-capping)."""
-    return not getattr(config, "final_logit_softcapping", None)
-
-
-def batch_logps(
-    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target-token log-probs of each row of ``batch``.
-
-    Runs the decoder, then the LM head on response positions only
-    (:func:`~qod_lightning.logprobs.response_logps`). Models whose causal-LM forward does more
-    than ``lm_head(hidden)`` (logit soft-capping) take the full-logits path instead.
-
-    Args:
-        model: The PEFT model (adapters active or disabled by the caller), or a plain causal LM.
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
-
-    Returns:
-        ``(logps, counts)``, each (B,).
-
-    """
-    lm = causal_lm(model)
-    if not has_plain_lm_head(lm.config):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return sequence_logps(logits, batch["labels"])
-    decoder = lm.get_decoder()
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    return response_logps(hidden, lm.get_output_embeddings(), batch["labels"])
+from qod_lightning.logprobs import IGNORE_INDEX
+from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
 
 
 class LinearWarmupDecay(LambdaLR):

@@ -9,66 +9,14 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from peft import PeftModel
 from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from qod_lightning.data.tokenize import IGNORE_INDEX
-from qod_lightning.logprobs import packed_pair_logps, pair_attention_mask
+from qod_lightning.logprobs import IGNORE_INDEX, pair_logps
 from qod_lightning.losses import chosen_nll, dpo_loss
-from qod_lightning.model import ModelSettings, causal_lm, count_parameters
-from qod_lightning.modules.common import AdapterModule, batch_logps, has_plain_lm_head
-
-PACKABLE_ATTENTION = ("sdpa", "eager")
-"""Attention implementations that take a custom 4D mask, as packed pairs need."""
-
-
-def can_pack(model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether ``model`` scores ``batch``'s packed rows exactly as it scores the two-row layout.
-
-    Needs an attention that takes a custom mask, a plain ``lm_head(hidden)`` output (no logit
-    soft-capping), and, with sliding-window attention, every answer within the window of its
-    prompt (the packed mask has no window).
-    """
-    config = causal_lm(model).config
-    if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
-        return False
-    if not has_plain_lm_head(config):
-        return False
-    window = getattr(config, "sliding_window", None)
-    return window is None or int(batch["packed_positions"].max()) + 1 < window
-
-
-def pair_logps(
-    model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor], share_prompt: bool = True
-) -> torch.Tensor:
-    """Summed answer log-probs of a preference batch: (2B,), chosen answers then rejected ones.
-
-    With ``share_prompt`` (and :func:`can_pack`), one packed row per pair runs each prompt
-    through the model once (:mod:`qod_lightning.data.packing`); otherwise the chosen and the
-    rejected answer each get their own row. Both give the same numbers (tests/test_packing.py).
-
-    Args:
-        model: The PEFT model.
-        batch: A :class:`~qod_lightning.data.preference.PreferenceDataModule` batch.
-        share_prompt: Use the packed rows when the model allows it.
-
-    Returns:
-        (2B,) log-probs.
-
-    """
-    if not (share_prompt and can_pack(model, batch)):
-        return batch_logps(model, batch)[0]
-    lm = causal_lm(model)
-    sdpa = lm.config._attn_implementation == "sdpa"
-    dtype = lm.get_input_embeddings().weight.dtype
-    mask = pair_attention_mask(batch["packed_segments"], None if sdpa else dtype)  # (B, 1, L, L)
-    hidden = lm.get_decoder()(
-        input_ids=batch["packed_ids"], attention_mask=mask, position_ids=batch["packed_positions"], use_cache=False
-    ).last_hidden_state  # (B, L, H)
-    return packed_pair_logps(hidden, lm.get_output_embeddings(), batch)
+from qod_lightning.model import ModelSettings, count_parameters
+from qod_lightning.modules.common import AdapterModule
 
 
 def chosen_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,7 +68,7 @@ class DPOModule(AdapterModule):
             ``output_dir/best`` whenever the validation loss improves.
         skip_nonfinite: Skip a batch whose loss is NaN/inf (with a warning) instead of stopping.
         share_prompt: Score each pair as one packed row, so its prompt runs through the model once
-            instead of twice (:func:`pair_logps`; same numbers, fewer tokens).
+            instead of twice (:func:`~qod_lightning.logprobs.pair_logps`; same numbers, fewer tokens).
         nll_weight: Weight ``alpha`` of the chosen answers' per-token NLL added to each pair's DPO
             loss (RPO, :func:`~qod_lightning.losses.chosen_nll`); 0 is plain DPO.
     """

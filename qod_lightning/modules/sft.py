@@ -10,8 +10,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
+from qod_lightning.logprobs import batch_logps
 from qod_lightning.model import ModelSettings, count_parameters
-from qod_lightning.modules.common import AdapterModule, batch_logps
+from qod_lightning.modules.common import AdapterModule
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
