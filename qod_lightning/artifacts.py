@@ -1,8 +1,16 @@
-"""Write artifacts atomically: to a temporary sibling first, then renamed into place."""
+"""Write artifacts atomically, and stamp each with a digest of its inputs so a stale one is redone.
+
+An artifact is written to a temporary sibling first, then renamed into place
+(:func:`atomic_directory`, :func:`atomic_write_text`). Its stamp, a file beside it
+(:func:`stamp_path`), holds :func:`inputs_digest` of what it was made from; an artifact whose
+stamp differs from the digest of the current inputs is out of date.
+"""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -10,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 COMPLETE_MARKER = ".complete"
 """Written last into every artifact directory; a directory without it is incomplete."""
@@ -86,6 +95,54 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def is_complete(directory: str | Path) -> bool:
     """Whether ``directory`` is a finished artifact written by :func:`atomic_directory`."""
     return (Path(directory) / COMPLETE_MARKER).is_file()
+
+
+def stamp_path(artifact: str | Path) -> Path:
+    """Where ``artifact``'s stamp goes: ``final`` -> ``final.inputs``, ``sft.json`` -> ``sft.inputs``."""
+    return Path(artifact).with_suffix(".inputs")
+
+
+def read_stamp(path: str | Path) -> str | None:
+    """The stamp in the file ``path``, or ``None`` when there is none (an artifact made before stamps)."""
+    path = Path(path)
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def inputs_digest(inputs: dict[str, Any]) -> str:
+    """The SHA-256 of ``inputs`` as key-sorted JSON: the stamp of an artifact made from them.
+
+    Args:
+        inputs: Everything the artifact depends on, JSON-serializable (file contents as
+            :func:`file_digests` or :func:`files_fingerprint`, settings as they are).
+
+    Returns:
+        64 hex digits.
+
+    """
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def files_fingerprint(root: str | Path) -> list[tuple[str, int, int]]:
+    """Path, size and modification time of every file under ``root`` (empty if it is no directory).
+
+    A retrained adapter is a new file; hashing a base model's weights would cost seconds per run.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()
+    )
+
+
+def file_digests(values: list[str]) -> dict[str, str]:
+    """The SHA-256 of each of ``values`` that names a file (an option's ``--key=value`` counts by value)."""
+    digests = {}
+    for value in values:
+        path = Path(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
+        if path.is_file():
+            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 def check_writable(directory: str | Path, needed_bytes: int) -> None:

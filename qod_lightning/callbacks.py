@@ -1,9 +1,16 @@
-"""Training callbacks: evaluate what the model generates during training; snapshot weights for a learning curve."""
+"""Training callbacks and their TensorBoard logging: generation checks, weight snapshots, a finished run's evaluation.
+
+:class:`GenerationEvaluation` evaluates what the model generates during training and
+:class:`Snapshots` saves weights for a learning curve; :func:`log_predictions` writes an
+evaluation made after training to the run's TensorBoard, under the callback's tags.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +157,46 @@ def records_table(records: list[dict[str, Any]], predictions: list[str]) -> str:
     outputs = predictions[: len(records)]
     requests = [r["input"] for r in records]
     return samples_table(requests, outputs, per_example_verdicts(outputs, requests, [r["expected"] for r in records]))
+
+
+@dataclass(frozen=True)
+class TensorBoardRun:
+    """Where a training run logged to TensorBoard, and its last step (a later evaluation is logged at that step)."""
+
+    log_dir: str
+    step: int
+
+
+def tensorboard_run(trainer: L.Trainer) -> TensorBoardRun | None:
+    """A finished trainer's TensorBoard run (its first TensorBoard logger's), or ``None`` when it had none."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    return TensorBoardRun(loggers[0].log_dir, trainer.global_step) if loggers else None
+
+
+def log_predictions(
+    run: TensorBoardRun, predictions: Iterable[tuple[str, list[dict[str, Any]]]], table_rows: int = 8
+) -> None:
+    """Write scored predictions to a finished run at its last step, as :class:`GenerationEvaluation` logs.
+
+    Each set of predictions gets the :func:`~qod_lightning.metrics.score_predictions` figures as
+    ``<prefix>/...`` scalars and a ``<prefix>/samples`` table, like the callback's ``gen/``.
+
+    Args:
+        run: The run (:func:`tensorboard_run`).
+        predictions: ``(tag prefix, {"input", "expected", "prediction"} records)`` per set of
+            answers (e.g. ``gen`` and ``gen_constrained``); taken one at a time, with the writer open.
+        table_rows: Sample answers in each ``samples`` table.
+
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(run.log_dir) as writer:
+        for prefix, records in predictions:
+            answers = [r["prediction"] for r in records]
+            report = score_predictions(answers, [r["input"] for r in records], [r["expected"] for r in records])
+            for tag, value in report_scalars(report, prefix).items():
+                writer.add_scalar(tag, value, run.step)
+            writer.add_text(f"{prefix}/samples", records_table(records[:table_rows], answers), run.step)
 
 
 def _last_epoch(trainer: L.Trainer) -> bool:

@@ -20,8 +20,8 @@ COMMANDS = {
     "bench": "time our SFT/DPO against TRL's, and generation: bench --compare trl --model tiny",
 }
 
-INFERENCE_COMMANDS = ("translate", "evaluate", "compare", "merge", "bench")
-"""Commands implemented in :mod:`qod_lightning.commands` (one module each)."""
+MODULE_COMMANDS = ("translate", "evaluate", "compare", "merge", "pipeline", "bench")
+"""Commands implemented in :mod:`qod_lightning.commands` (one module each, with ``main(argv)``)."""
 
 
 class QoDCLI(LightningCLI):
@@ -127,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from qod_lightning.data.generator.generate import main as generate_main
 
         return generate_main(rest[1:])
-    if command == "pipeline":
-        from qod_lightning.pipeline import main as pipeline_main
-
-        return pipeline_main(rest)
-    if command in INFERENCE_COMMANDS:
+    if command in MODULE_COMMANDS:
         module = importlib.import_module(f"qod_lightning.commands.{command}")
         return module.main(rest)
     print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""The whole method in one command: base -> SFT -> DPO -> merge -> evaluation of all three -> comparison.
+"""The whole method, stage by stage: base -> SFT -> DPO -> merge -> evaluation of all three -> comparison.
 
+:class:`PipelineConfig` says what runs; :func:`run_pipeline` runs it, and the ``pipeline`` command
+(:mod:`qod_lightning.commands.pipeline`) runs that:
 ``python -m qod_lightning pipeline --config configs/pipeline/embedded.yaml``. Every stage writes its
-artifact atomically and is skipped on a re-run when that artifact is complete; ``--force`` redoes
-everything. Each training stage is an ordinary LightningCLI run, also runnable alone with
+artifact atomically and is skipped on a re-run when that artifact is complete and its stamp
+(:func:`~qod_lightning.artifacts.stamp_path`) matches its inputs; ``--force`` redoes everything.
+Each training stage is an ordinary LightningCLI run, also runnable alone with
 ``python -m qod_lightning fit --config <stage config>``. Here the stage configs' generation checks
 are off: the pipeline evaluates each trained model on the whole set anyway, and writes those
 figures and sample answers to the stage's TensorBoard run (``gen/`` and ``gen_constrained/``).
@@ -10,19 +13,30 @@ figures and sample answers to the stage's TensorBoard run (``gen/`` and ``gen_co
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from qod_lightning.artifacts import COMPLETE_MARKER, is_complete
-from qod_lightning.commands.common import positive_int
+from qod_lightning.artifacts import (
+    COMPLETE_MARKER,
+    atomic_write_text,
+    file_digests,
+    files_fingerprint,
+    inputs_digest,
+    is_complete,
+    read_stamp,
+    stamp_path,
+)
+
+if TYPE_CHECKING:
+    from qod_lightning.callbacks import TensorBoardRun
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +60,7 @@ class PipelineConfig:
         eval_batch_size: Requests per generation batch.
         eval_workers: Batches decoded at once in threads, on a CPU.
         on_policy_pairs: Train DPO on pairs whose rejected answers are the SFT model's own wrong
-            answers to their prompts (:mod:`~qod_lightning.data.on_policy`), written to
+            answers to their prompts (:func:`~qod_lightning.data.on_policy.build_on_policy_pairs`), written to
             ``work_dir/dpo/pairs.jsonl``; ``False``: the preference file as it is.
         on_policy_rejected: What a wrong answer rejects, with ``on_policy_pairs``: ``answer``,
             the whole answer (one pair per prompt), or ``fields``, one pair per wrong top-level
@@ -104,14 +118,6 @@ class PipelineConfig:
         return cls(**data)
 
 
-@dataclass(frozen=True)
-class TensorBoardRun:
-    """Where a training stage logged, and its last step (the evaluation is logged at that step)."""
-
-    log_dir: str
-    step: int
-
-
 def _config_train_file(config: str) -> str:
     """``data.init_args.train_file`` of a stage config (not of ``fit_args`` overrides)."""
     try:
@@ -120,55 +126,30 @@ def _config_train_file(config: str) -> str:
         raise ValueError(f"{config}: no data.init_args.train_file; set dpo_train_file in the pipeline config") from err
 
 
-def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) -> Path:
-    """Write DPO pairs whose rejected answers are the SFT adapter's own mistakes.
+def _write_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) -> None:
+    """Write the DPO pairs of the SFT adapter's own mistakes to ``output`` (``cfg.on_policy_pairs``).
 
-    The SFT adapter answers every prompt of the preference file (``dpo_train_file``, else the DPO
-    config's ``data.init_args.train_file``) greedily, with the evaluation's settings; a wrong
-    answer becomes the pair's rejected one (:func:`~qod_lightning.data.on_policy.on_policy_pairs`),
-    or each of its wrong fields one pair's (:func:`~qod_lightning.data.on_policy.field_edit_pairs`),
-    as ``cfg.on_policy_rejected`` says.
-
-    Returns:
-        ``output``, written atomically.
+    The adapter answers the prompts of the preference file (``dpo_train_file``, else the DPO
+    config's ``data.init_args.train_file``) with the evaluation's settings
+    (:func:`~qod_lightning.data.on_policy.build_on_policy_pairs`).
     """
-    from qod_lightning.artifacts import atomic_write_text
-    from qod_lightning.data.jsonl import read_jsonl
-    from qod_lightning.data.on_policy import field_edit_pairs, on_policy_pairs
-    from qod_lightning.data.preference import PREFERENCE_RECORD
-    from qod_lightning.generation import generate, load_for_inference
-    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
+    from qod_lightning.data.on_policy import build_on_policy_pairs
 
     source = cfg.dpo_train_file or _config_train_file(cfg.dpo_config)
-    records = read_jsonl(source, PREFERENCE_RECORD)
     start = time.perf_counter()
-    model, tokenizer = load_for_inference(str(sft_adapter))
-    answers = generate(
-        model,
-        tokenizer,
-        [r["prompt"] for r in records],
-        prompt_format=resolve_prompt_format(sft_adapter, None),
+    what = build_on_policy_pairs(
+        sft_adapter,
+        source,
+        output,
+        rejected=cfg.on_policy_rejected,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.eval_batch_size,
         workers=cfg.eval_workers,
     )
-    del model
-    free_gpu_memory()
-    if cfg.on_policy_rejected == "fields":
-        pairs, edited = field_edit_pairs(records, answers)
-        what = (
-            f"{edited} of {len(pairs)} pairs reject one wrong field of the SFT adapter's answers "
-            f"to the {len(records)} prompts"
-        )
-    else:
-        pairs, replaced = on_policy_pairs(records, answers)
-        what = f"the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} pairs"
-    atomic_write_text(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     print(
         f"[pipeline] dpo pairs: {what} of {source} (the others keep the file's); "
         f"{output} in {time.perf_counter() - start:.0f} s"
     )
-    return output
 
 
 def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None, resume: bool) -> list[str]:
@@ -234,28 +215,6 @@ def _clear_checkpoints(directory: Path) -> None:
         print(f"[pipeline] removed {len(old)} checkpoint(s) of an earlier run from {directory}")
 
 
-def _files_fingerprint(root: Path) -> list[tuple[str, int, int]]:
-    """Path, size and modification time of every file under ``root`` (empty if it is no directory).
-
-    A retrained adapter is a new file; hashing a base model's weights would cost seconds per run.
-    """
-    if not root.is_dir():
-        return []
-    return sorted(
-        (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()
-    )
-
-
-def _file_digests(values: list[str]) -> dict[str, str]:
-    """The SHA-256 of each of ``values`` that names a file (an option's ``--key=value`` counts by value)."""
-    digests = {}
-    for value in values:
-        path = Path(value.split("=", 1)[1] if value.startswith("--") and "=" in value else value)
-        if path.is_file():
-            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
-
-
 def _config_data_files(config: str) -> list[str]:
     """The string values of a stage config's ``data.init_args`` (its data files among them)."""
     try:
@@ -277,11 +236,11 @@ def _training_stamp(cfg: PipelineConfig, stage: str, config: str, adapter: Path 
     sources = [cfg.dpo_train_file] if on_policy and cfg.dpo_train_file else []  # what the pairs are made from
     what: dict[str, Any] = {
         "args": args,
-        "files": _file_digests([*args, *_config_data_files(config), *sources]),
-        "adapter": _files_fingerprint(adapter) if adapter else None,
+        "files": file_digests([*args, *_config_data_files(config), *sources]),
+        "adapter": files_fingerprint(adapter) if adapter else None,
         "on_policy": [cfg.on_policy_rejected, cfg.max_new_tokens] if on_policy else None,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return inputs_digest(what)
 
 
 def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str, TensorBoardRun | None]]:
@@ -294,7 +253,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
     unmarked before the stage trains (:func:`_make_stale`), so it is redone, in this run or the
     next one.
     """
-    from qod_lightning.artifacts import atomic_write_text
+    from qod_lightning.callbacks import tensorboard_run
     from qod_lightning.cli import cli_main
     from qod_lightning.model import free_gpu_memory
 
@@ -303,14 +262,15 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
     trained: dict[str, TensorBoardRun | None] = {}
     for stage, config, output, adapter in (("sft", cfg.sft_config, sft, None), ("dpo", cfg.dpo_config, dpo, sft)):
         args = _stage_args(cfg, config, stage, adapter, resume=False)
-        stamp, done_stamp = _training_stamp(cfg, stage, config, adapter, args), _stamp_path(output)
+        stamp, done_stamp = _training_stamp(cfg, stage, config, adapter, args), stamp_path(output)
         if is_complete(output) and not force:
-            if not done_stamp.is_file():
+            recorded = read_stamp(done_stamp)
+            if recorded is None:
                 print(
                     f"[pipeline] {stage}: {output} is complete, skipping (no record of its inputs; --force redoes it)"
                 )
                 continue
-            if done_stamp.read_text(encoding="utf-8") == stamp:
+            if recorded == stamp:
                 print(f"[pipeline] {stage}: {output} is complete, skipping (use --force to redo)")
                 continue
             print(f"[pipeline] {stage}: {output} was trained from another config, data or settings, redoing it")
@@ -319,7 +279,7 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
         last = work / stage / "checkpoints" / "last.ckpt"
         started = last.parent / "inputs"  # the stamp of the run the checkpoints belong to
         # Checkpoints with no stamp predate stamps: resumed, as before.
-        same = not started.is_file() or started.read_text(encoding="utf-8") == stamp
+        same = read_stamp(started) in (None, stamp)
         if last.is_file() and not force and not same:
             print(f"[pipeline] {stage}: {last} is from a run with other inputs, starting afresh")
         resume = last.is_file() and not force and same
@@ -327,24 +287,16 @@ def run_training(cfg: PipelineConfig, force: bool) -> tuple[Path, Path, dict[str
             _clear_checkpoints(last.parent)
         pairs = work / "dpo" / "pairs.jsonl"
         if stage == "dpo" and cfg.on_policy_pairs and not (resume and pairs.is_file()):
-            build_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
+            _write_on_policy_pairs(cfg, sft, pairs)  # a resumed run keeps the pairs it started with
             stamp = _training_stamp(cfg, stage, config, adapter, args)  # with the new pairs
         atomic_write_text(started, stamp)
         print(f"[pipeline] {stage}: fit --config {config}" + (f" (resuming from {last})" if resume else ""))
         start = time.perf_counter()
-        trained[stage] = _tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)))
+        trained[stage] = tensorboard_run(cli_main(_stage_args(cfg, config, stage, adapter, resume)).trainer)
         atomic_write_text(done_stamp, stamp)  # after the adapter: a run stopped in between redoes it
         free_gpu_memory()  # the finished stage's model may still be on the GPU (KeepOnDeviceStrategy)
         print(f"[pipeline] {stage}: done in {time.perf_counter() - start:.0f} s")
     return sft, dpo, trained
-
-
-def _tensorboard_run(cli: Any) -> TensorBoardRun | None:
-    """The finished stage's TensorBoard run, or ``None`` when it had no TensorBoard logger."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    loggers = [lg for lg in cli.trainer.loggers if isinstance(lg, TensorBoardLogger)]
-    return TensorBoardRun(loggers[0].log_dir, cli.trainer.global_step) if loggers else None
 
 
 def log_evaluations(runs: dict[str, TensorBoardRun | None], reports_dir: Path, table_rows: int = 8) -> None:
@@ -352,7 +304,7 @@ def log_evaluations(runs: dict[str, TensorBoardRun | None], reports_dir: Path, t
 
     The tags are those of :class:`~qod_lightning.callbacks.GenerationEvaluation` (``gen/...``,
     ``gen/samples``), computed on the whole evaluation set, and ``gen_constrained/...`` for the
-    constrained answers.
+    constrained answers (:func:`~qod_lightning.callbacks.log_predictions`).
 
     Args:
         runs: Stage name (``sft``, ``dpo``) -> its run (:func:`run_training`); ``None`` (a stage
@@ -361,43 +313,42 @@ def log_evaluations(runs: dict[str, TensorBoardRun | None], reports_dir: Path, t
         table_rows: Sample answers in each ``samples`` table.
 
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    from qod_lightning.callbacks import records_table, report_scalars
-    from qod_lightning.commands.evaluate import predictions_path, read_predictions
-    from qod_lightning.metrics import score_predictions
+    from qod_lightning.callbacks import log_predictions
 
     for stage, run in runs.items():
-        if run is None:
-            continue
-        with SummaryWriter(run.log_dir) as writer:
-            for label, prefix in ((stage, "gen"), (f"{stage}+constrained", "gen_constrained")):
-                path = predictions_path(reports_dir / f"{label}.json")
-                if not path.is_file():
-                    continue
-                records = read_predictions(str(path))
-                predictions = [r["prediction"] for r in records]
-                report = score_predictions(predictions, [r["input"] for r in records], [r["expected"] for r in records])
-                for tag, value in report_scalars(report, prefix).items():
-                    writer.add_scalar(tag, value, run.step)
-                writer.add_text(f"{prefix}/samples", records_table(records[:table_rows], predictions), run.step)
+        if run is not None:
+            log_predictions(run, _stage_predictions(reports_dir, stage), table_rows)
+
+
+def _stage_predictions(reports_dir: Path, stage: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Tag prefix and scored predictions of each of a stage's evaluations found in ``reports_dir``.
+
+    ``gen`` for ``<stage>.predictions.jsonl``, ``gen_constrained`` for the constrained ones; each
+    file is read when its turn comes.
+    """
+    from qod_lightning.commands.evaluate import predictions_path, read_predictions
+
+    for label, prefix in ((stage, "gen"), (f"{stage}+constrained", "gen_constrained")):
+        path = predictions_path(reports_dir / f"{label}.json")
+        if path.is_file():
+            yield prefix, read_predictions(str(path))
 
 
 def _inputs_stamp(model: str, cfg: PipelineConfig, constrained: bool) -> str:
     """A digest of what an evaluation report depends on: the model's files, the data, the settings.
 
-    Model files count by path, size and modification time (:func:`_files_fingerprint`).
+    Model files count by path, size and modification time (:func:`~qod_lightning.artifacts.files_fingerprint`).
     """
     what = {
         "model": model,
-        "files": _files_fingerprint(Path(model)),
+        "files": files_fingerprint(Path(model)),
         "data": hashlib.sha256(Path(cfg.eval_file).read_bytes()).hexdigest(),
         "constrained": constrained,
         "max_eval_samples": cfg.max_eval_samples,
         "max_new_tokens": cfg.max_new_tokens,
         "eval_batch_size": cfg.eval_batch_size,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return inputs_digest(what)
 
 
 def answer_budget(model: str, eval_file: str, cap: int, margin: int = 16) -> int:
@@ -429,10 +380,6 @@ def answer_budget(model: str, eval_file: str, cap: int, margin: int = 16) -> int
     return min(cap, longest + margin)
 
 
-def _stamp_path(report: Path) -> Path:
-    return report.with_suffix(".inputs")
-
-
 def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) -> dict[str, dict[str, Any]]:
     """Evaluate every model (and constrained, if configured); reuse reports made from the same inputs.
 
@@ -442,7 +389,6 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
     constrained answers start from the unconstrained ones
     (:func:`~qod_lightning.commands.evaluate.evaluate_model_both`).
     """
-    from qod_lightning.artifacts import atomic_write_text
     from qod_lightning.commands.evaluate import evaluate_model, evaluate_model_both
 
     reports: dict[str, dict[str, Any]] = {}
@@ -457,10 +403,9 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
         stamps = {constrained: _inputs_stamp(path, cfg, constrained) for constrained in labels}
         todo = []
         for constrained, out in outputs.items():
-            stamp = _stamp_path(out)
             if force or not out.is_file():
                 todo.append(constrained)
-            elif not stamp.is_file() or stamp.read_text(encoding="utf-8") != stamps[constrained]:
+            elif read_stamp(stamp_path(out)) != stamps[constrained]:
                 print(
                     f"[pipeline] evaluate {labels[constrained]}: {out} was made from other model files, "
                     "data or settings, redoing it"
@@ -493,7 +438,7 @@ def run_evaluations(cfg: PipelineConfig, models: dict[str, str], force: bool) ->
                 path, cfg.eval_file, outputs[todo[0]], constrained=todo[0], max_new_tokens=budgets[todo[0]], **options
             )
         for constrained in todo:  # after the report: a run stopped in between redoes it
-            atomic_write_text(_stamp_path(outputs[constrained]), stamps[constrained])
+            atomic_write_text(stamp_path(outputs[constrained]), stamps[constrained])
     return {label: reports[label] for label in order}
 
 
@@ -523,7 +468,6 @@ def write_dpo_changes(cfg: PipelineConfig, out_dir: Path) -> str:
         The markdown tables, one per decoding mode.
 
     """
-    from qod_lightning.artifacts import atomic_write_text
     from qod_lightning.changes import answer_changes, changes_markdown
     from qod_lightning.commands.evaluate import predictions_path, read_predictions
 
@@ -564,31 +508,3 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> Path:
     seconds = time.perf_counter() - start
     print(f"[pipeline] wrote {out_dir}/comparison.{{md,json,png}} and dpo_vs_sft.{{md,json}} in {seconds:.0f} s total")
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qod_lightning pipeline --config FILE [--force]``."""
-    parser = argparse.ArgumentParser(prog="qod_lightning pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/pipeline/embedded.yaml", help="pipeline YAML")
-    parser.add_argument("--force", action="store_true", help="redo stages whose artifacts exist")
-    parser.add_argument("--work-dir", help="override the config's work_dir")
-    parser.add_argument("--model", help="override the config's base model")
-    parser.add_argument("--max-eval-samples", type=positive_int, help="evaluate on the first N records only")
-    parser.add_argument("--no-constrained", action="store_true", help="skip constrained evaluation")
-    parser.add_argument("--fit-arg", action="append", default=[], help="extra LightningCLI argument (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = PipelineConfig.from_yaml(args.config)
-    except (OSError, ValueError, TypeError) as err:
-        parser.error(f"bad pipeline config: {err}")
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    if args.model:
-        cfg.model = args.model
-    if args.max_eval_samples is not None:
-        cfg.max_eval_samples = args.max_eval_samples
-    if args.no_constrained:
-        cfg.constrained = False
-    cfg.fit_args = [*cfg.fit_args, *args.fit_arg]
-    run_pipeline(cfg, force=args.force)
-    return 0

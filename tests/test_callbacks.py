@@ -4,10 +4,16 @@ import json
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qod_lightning.callbacks import GenerationEvaluation, samples_table
+from qod_lightning.callbacks import (
+    GenerationEvaluation,
+    TensorBoardRun,
+    log_predictions,
+    samples_table,
+    tensorboard_run,
+)
 from qod_lightning.data.sft import SFTDataModule
 from qod_lightning.model import ModelSettings
 from qod_lightning.modules import SFTModule
@@ -102,6 +108,27 @@ def test_the_last_epoch_is_always_evaluated(tiny_model_dir, small_data, eval_fil
     trainer, logger = one_batch_trainer(tmp_path, callback, num_sanity_val_steps=0, **limits)
     trainer.fit(module, data)
     assert len(events(logger.log_dir).Scalars("gen/n")) == points
+
+
+def test_a_finished_runs_predictions_are_logged_under_the_callbacks_tags_at_its_step(tmp_path):
+    record = {"input": "gaming, device 203.0.113.7, server 192.0.2.200, 2 hours", "expected": EXPECTED}
+    right, wrong = {**record, "prediction": json.dumps(EXPECTED)}, {**record, "prediction": "no JSON"}
+    log_predictions(TensorBoardRun(str(tmp_path), 7), iter([("gen", [right, wrong]), ("gen_constrained", [right])]))
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # one writer for every set of answers
+    accumulator = events(tmp_path)
+    assert [(e.step, e.value) for e in accumulator.Scalars("gen/n")] == [(7, 2.0)]
+    assert [e.value for e in accumulator.Scalars("gen/exact_match")] == [0.5]
+    assert [e.value for e in accumulator.Scalars("gen_constrained/exact_match")] == [1.0]
+    assert "gen/constrained" not in accumulator.Tags()["scalars"]
+    table = accumulator.Tensors("gen/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.count("\n") == 3  # header, rule, two rows
+
+
+def test_the_tensorboard_run_of_a_trainer_is_its_first_tensorboard_loggers(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="run")
+    trainer = L.Trainer(logger=[CSVLogger(str(tmp_path / "csv")), logger], default_root_dir=tmp_path)
+    assert tensorboard_run(trainer) == TensorBoardRun(logger.log_dir, 0)
+    assert tensorboard_run(L.Trainer(logger=False, default_root_dir=tmp_path)) is None
 
 
 def test_sample_table_escapes_cells():

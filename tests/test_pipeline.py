@@ -219,12 +219,14 @@ def _fake_fit(made: list[str]):
 @pytest.mark.slow
 def test_a_trained_stage_is_redone_when_its_config_data_or_settings_change(tmp_path, monkeypatch, capsys):
     import qod_lightning.cli
-    import qod_lightning.pipeline as pipeline
+    import qod_lightning.data.on_policy as on_policy
     from qod_lightning.pipeline import PipelineConfig, run_training
 
     made: list[str] = []
     monkeypatch.setattr(qod_lightning.cli, "cli_main", _fake_fit(made))
-    monkeypatch.setattr(pipeline, "build_on_policy_pairs", lambda cfg, sft, out: out.write_text("pairs\n") or out)
+    monkeypatch.setattr(
+        on_policy, "build_on_policy_pairs", lambda sft, source, out, **settings: out.write_text("pairs\n") and "pairs"
+    )
     data = {name: tmp_path / f"{name}.jsonl" for name in ("sft", "pref")}
     for name, path in data.items():
         path.write_text(f"{name} records\n")
@@ -338,12 +340,41 @@ def test_a_count_below_one_is_refused_in_the_config(tmp_path, setting):
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_a_count_below_one_is_refused_on_the_command_line(capsys, value):
-    from qod_lightning.pipeline import main
+    from qod_lightning.commands.pipeline import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--max-eval-samples", value])
     assert exit_info.value.code == 2
     assert "--max-eval-samples: must be >= 1" in capsys.readouterr().err
+
+
+def test_the_pipeline_command_runs_its_config_with_the_command_lines_overrides(tmp_path, monkeypatch):
+    import qod_lightning.commands.pipeline as command
+    from qod_lightning.cli import main
+
+    runs = []
+    monkeypatch.setattr(command, "run_pipeline", lambda cfg, force: runs.append((cfg, force)))
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"work_dir": "w", "fit_args": ["--trainer.max_steps=2"]}), encoding="utf-8")
+    assert main(["pipeline", "--config", str(config)]) == 0
+    overrides = "--force --work-dir x --model m --max-eval-samples 3 --no-constrained --fit-arg=--trainer.max_epochs=1"
+    assert main(["pipeline", "--config", str(config), *overrides.split()]) == 0
+    (plain, plain_force), (cfg, force) = runs
+    assert plain.work_dir == "w" and plain.constrained and not plain_force
+    assert force and (cfg.work_dir, cfg.model, cfg.max_eval_samples, cfg.constrained) == ("x", "m", 3, False)
+    assert cfg.fit_args == ["--trainer.max_steps=2", "--trainer.max_epochs=1"]
+
+
+def test_a_bad_pipeline_config_is_a_usage_error(tmp_path, capsys):
+    from qod_lightning.cli import main
+
+    config = tmp_path / "p.yaml"
+    config.write_text("colour: blue\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad pipeline config" in err and "unknown pipeline setting(s) ['colour']" in err
 
 
 def test_what_was_made_from_a_retrained_stage_is_redone_even_after_a_crash(tmp_path, monkeypatch, capsys):

@@ -10,12 +10,19 @@ keeps its generated rejected answer, so every prompt still teaches something.
 field, whose rejected answer is the chosen one with only that field as the model wrote it. DPO's
 loss compares the two answers' log-ratios, so the tokens before the edit cancel and the gradient
 falls on the mistake, not on the parts of the model's answer that were right.
+
+:func:`build_on_policy_pairs` has the SFT adapter answer a preference file's prompts and writes
+either kind of pairs; it loads the generation code only when called.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from qod_lightning.artifacts import atomic_write_text
+from qod_lightning.data.jsonl import read_jsonl
 from qod_lightning.data.prompts import dump_request
 from qod_lightning.extraction import extract_json
 from qod_lightning.metrics import json_equal, judge_prediction
@@ -122,6 +129,65 @@ def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple
             if not edits:
                 pairs.append(keep)
     return pairs, edited
+
+
+def build_on_policy_pairs(
+    adapter: str | Path,
+    source: str | Path,
+    output: str | Path,
+    *,
+    rejected: str,
+    max_new_tokens: int,
+    batch_size: int,
+    workers: int,
+) -> str:
+    """Write DPO pairs whose rejected answers are the SFT adapter's own mistakes.
+
+    The adapter answers every prompt of ``source`` greedily; a wrong answer becomes the pair's
+    rejected one (:func:`on_policy_pairs`), or each of its wrong fields one pair's
+    (:func:`field_edit_pairs`), as ``rejected`` says.
+
+    Args:
+        adapter: The SFT adapter (or model) directory; its saved prompt format is used.
+        source: Preference JSONL of ``{"prompt", "chosen", "rejected"}`` pairs.
+        output: Where the pairs go, written atomically.
+        rejected: ``answer`` (the whole wrong answer) or ``fields`` (one wrong field per pair).
+        max_new_tokens: The most tokens generated per answer.
+        batch_size: Prompts per generation batch.
+        workers: Batches decoded at once in threads, on a CPU.
+
+    Returns:
+        What the pairs hold, for a log line: how many took the adapter's answers, of how many.
+
+    """
+    from qod_lightning.data.preference import PREFERENCE_RECORD
+    from qod_lightning.generation import generate, load_for_inference
+    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
+
+    records = read_jsonl(source, PREFERENCE_RECORD)
+    model, tokenizer = load_for_inference(str(adapter))
+    answers = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        prompt_format=resolve_prompt_format(adapter, None),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        workers=workers,
+    )
+    del model
+    free_gpu_memory()
+    if rejected == "fields":
+        pairs, edited = field_edit_pairs(records, answers)
+        what = (
+            f"{edited} of {len(pairs)} pairs reject one wrong field of the SFT adapter's answers "
+            f"to the {len(records)} prompts"
+        )
+    else:
+        pairs, replaced = on_policy_pairs(records, answers)
+        what = f"the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} pairs"
+    atomic_write_text(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+    return what
 
 
 def _check_one_answer_each(records: list[dict[str, Any]], answers: list[str]) -> None:
