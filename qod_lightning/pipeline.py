@@ -136,8 +136,8 @@ def build_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path) 
     from qod_lightning.data.jsonl import read_jsonl
     from qod_lightning.data.on_policy import field_edit_pairs, on_policy_pairs
     from qod_lightning.data.preference import PREFERENCE_RECORD
-    from qod_lightning.generation import generate, load_for_inference
-    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
+    from qod_lightning.generation import generate
+    from qod_lightning.model import free_gpu_memory, load_for_inference, resolve_prompt_format
 
     source = cfg.dpo_train_file or _config_train_file(cfg.dpo_config)
     records = read_jsonl(source, PREFERENCE_RECORD)
