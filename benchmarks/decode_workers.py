@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import qod_lightning.generation as generation
+from qod_lightning.model import load_for_inference
 
 WAYS = (("transformers", 1, 64), ("ours", 1, 64), ("transformers", 2, 30), ("ours", 2, 30))
 """(cache, workers, batch size) of each run, the first being the reference."""
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--ways", type=parse_ways, default=WAYS, help="cache:workers:batch,... (first: reference)")
     args = parser.parse_args()
-    model, tokenizer = generation.load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model)
     requests = [json.loads(line)["input"] for line in Path(args.data).read_text(encoding="utf-8").splitlines()]
     generation.generate_tokens(model, tokenizer, requests[:4], max_new_tokens=4, batch_size=4)  # warm-up
     print(

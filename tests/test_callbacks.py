@@ -166,7 +166,7 @@ def snapshot_index(model_dir, train_file, tmp_path, batch_size: int, every_n_ste
 
 
 def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_model_dir, small_data, tmp_path):
-    from qod_lightning.generation import load_for_inference
+    from qod_lightning.model import load_for_inference
 
     L.seed_everything(0)
     index = snapshot_index(tiny_model_dir, small_data["sft"], tmp_path, batch_size=2, every_n_steps=2, max_steps=5)

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 from qod_lightning.cli import COMMANDS, main
 from qod_lightning.commands.translate import answer_record
 from qod_lightning.extraction import find_json_object
-from qod_lightning.generation import load_for_inference
 from qod_lightning.model import (
     ModelSettings,
     QuantizationSettings,
     build_model,
     load_base_model,
+    load_for_inference,
     load_tokenizer,
     save_adapter,
 )

@@ -1,4 +1,4 @@
-"""Model factory: target modules per architecture, exact LoRA sizes, 4-bit loading."""
+"""Model factory: target modules per architecture, exact LoRA sizes, 4-bit loading, loading for inference."""
 
 import bitsandbytes as bnb
 import pytest
@@ -13,6 +13,7 @@ from qod_lightning.model import (
     QuantizationSettings,
     build_model,
     count_parameters,
+    load_for_inference,
     lora_config,
     resolve_prompt_format,
     resolve_target_modules,
@@ -154,6 +155,17 @@ def test_4bit_weights_count_unpacked_whatever_their_storage(tiny_model_dir):
     full = total(load_in_4bit=False)
     assert total(load_in_4bit=True) == full  # two values per uint8
     assert total(load_in_4bit=True, quant_storage="float32") == full  # eight per float32
+
+
+def test_load_for_inference_returns_an_eval_model(tiny_model_dir):
+    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    assert not model.training
+    assert tokenizer.eos_token_id is not None
+
+
+def test_load_for_inference_rejects_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory nor a loadable model"):
+        load_for_inference(str(tmp_path / "nowhere"))
 
 
 def test_the_saved_prompt_format_is_the_default_and_can_be_overridden(tmp_path, caplog):

@@ -452,11 +452,12 @@ def test_a_report_is_redone_when_its_model_data_or_settings_change(tmp_path, mon
 def test_on_policy_pairs_take_the_sft_adapters_wrong_answers(tmp_path, monkeypatch, capsys, small_data):
     import qod_lightning.cli
     import qod_lightning.generation
+    import qod_lightning.model
     from qod_lightning.pipeline import PipelineConfig, run_training
 
     calls = []
     monkeypatch.setattr(qod_lightning.cli, "cli_main", lambda args: calls.append(args) or fitted(args))
-    monkeypatch.setattr(qod_lightning.generation, "load_for_inference", lambda path: (None, None))
+    monkeypatch.setattr(qod_lightning.model, "load_for_inference", lambda path: (None, None))
     records = [json.loads(line) for line in small_data["preferences"].read_text().splitlines()]
     # Right on the first pair, wrong on the others.
     answers = [records[0]["chosen"]] + ['{"qosProfile": "QOS_E"}'] * (len(records) - 1)
@@ -477,11 +478,12 @@ def test_on_policy_pairs_take_the_sft_adapters_wrong_answers(tmp_path, monkeypat
 def test_on_policy_pairs_can_reject_one_wrong_field_at_a_time(tmp_path, monkeypatch, capsys, small_data):
     import qod_lightning.cli
     import qod_lightning.generation
+    import qod_lightning.model
     from qod_lightning.data.prompts import dump_request
     from qod_lightning.pipeline import PipelineConfig, run_training
 
     monkeypatch.setattr(qod_lightning.cli, "cli_main", fitted)
-    monkeypatch.setattr(qod_lightning.generation, "load_for_inference", lambda path: (None, None))
+    monkeypatch.setattr(qod_lightning.model, "load_for_inference", lambda path: (None, None))
     records = [json.loads(line) for line in small_data["preferences"].read_text().splitlines()]
     expected = [json.loads(r["chosen"]) for r in records]
     # Right on the first pair; a wrong profile and no duration on the others.

@@ -26,7 +26,7 @@ class GenerationSpec:
     """One generation benchmark.
 
     Attributes:
-        model_path: Anything :func:`~qod_lightning.generation.load_for_inference` loads.
+        model_path: Anything :func:`~qod_lightning.model.load_for_inference` loads.
         requests: The request texts (the first ``n`` inputs of the evaluation set).
         batch_size: Requests per ``generate`` call.
         max_new_tokens: Most new tokens per request.
@@ -111,7 +111,7 @@ def grammar_clock() -> Iterator[list[float]]:
     the chosen tokens) is what constrained decoding adds to a step, measured without the
     run-to-run noise of comparing two separate generations.
     """
-    from qod_lightning.generation import GrammarMask
+    from qod_lightning.constrained import GrammarMask
 
     totals = [0.0, 0.0]
     originals = {"apply": GrammarMask.apply, "accept": GrammarMask.accept}
@@ -148,7 +148,7 @@ def constrained_overhead(
         ``overhead``: the grammar's own time per step (:func:`grammar_clock`) over the
         plain decoding step.
     """
-    from qod_lightning.generation import GRAMMAR_CACHE
+    from qod_lightning.constrained import GRAMMAR_CACHE
 
     start = time.perf_counter()
     GRAMMAR_CACHE.get(tokenizer, model.get_output_embeddings().weight.shape[0])
@@ -193,7 +193,7 @@ def run_generation(spec: GenerationSpec) -> dict[str, Any]:
         ``requests_per_s``, ``ms_per_step`` and the settings, plus ``constrained`` (see
         :func:`constrained_overhead`) when xgrammar is installed and ``constrained_repeats > 0``.
     """
-    from qod_lightning.generation import load_for_inference
+    from qod_lightning.model import load_for_inference
 
     torch.set_num_threads(spec.threads)
     model, tokenizer = load_for_inference(spec.model_path, load_in_4bit=spec.quant == "4bit")

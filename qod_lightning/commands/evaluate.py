@@ -208,7 +208,7 @@ def evaluate_model_both(
 
     With greedy decoding the constrained run starts each answer from the part of the
     unconstrained one that the grammar accepts
-    (:func:`~qod_lightning.generation.grammar_accepted_starts`): the answers of constrained
+    (:func:`~qod_lightning.constrained.grammar_accepted_starts`): the answers of constrained
     decoding from scratch, for the price of decoding only where the grammar changes them. With
     sampling the two runs are independent.
 
@@ -241,7 +241,8 @@ def evaluate_model_both(
         stopped at EOS short of a complete object is decoded on, as the grammar rejects EOS.
 
     """
-    from qod_lightning.generation import decode_answers, generate_tokens, grammar_accepted_starts
+    from qod_lightning.constrained import grammar_accepted_starts
+    from qod_lightning.generation import decode_answers, generate_tokens
     from qod_lightning.model import free_gpu_memory, resolve_prompt_format
 
     start = time.perf_counter()
@@ -273,7 +274,7 @@ def _load(
     model: str, data: str | Path, max_samples: int | None, load_in_4bit: bool, dtype: str
 ) -> tuple[list[dict[str, Any]], Any, Any]:
     """``(records, model, tokenizer)``: the evaluation records, then the model for inference."""
-    from qod_lightning.generation import load_for_inference
+    from qod_lightning.model import load_for_inference
 
     records = load_eval_records(str(data), max_samples)
     loaded, tokenizer = load_for_inference(check_model_path(model), load_in_4bit=load_in_4bit, dtype=dtype)

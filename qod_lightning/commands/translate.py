@@ -99,8 +99,8 @@ def _print_single(request: str, raw_output: str) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from qod_lightning.generation import generate, load_for_inference
-    from qod_lightning.model import resolve_prompt_format, saved_answer_notes
+    from qod_lightning.generation import generate
+    from qod_lightning.model import load_for_inference, resolve_prompt_format, saved_answer_notes
 
     requests = _requests(args)
     options = {

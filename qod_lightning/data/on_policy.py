@@ -161,8 +161,8 @@ def build_on_policy_pairs(
 
     """
     from qod_lightning.data.preference import PREFERENCE_RECORD
-    from qod_lightning.generation import generate, load_for_inference
-    from qod_lightning.model import free_gpu_memory, resolve_prompt_format
+    from qod_lightning.generation import generate
+    from qod_lightning.model import free_gpu_memory, load_for_inference, resolve_prompt_format
 
     records = read_jsonl(source, PREFERENCE_RECORD)
     model, tokenizer = load_for_inference(str(adapter))
