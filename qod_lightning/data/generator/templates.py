@@ -180,7 +180,7 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
         "UE: {device_id}; app server: {server_addr};[ use case: {use};][ profile: {profile};][ duration: {length};]",
         "colon_semi",
     ),
-    _t("ultra_terse", "dev {device_id} srv {server_addr}[ {use}][ profile {profile}][ {length}]", "slash", lower=True),
+    _t("ultra_terse", "dev {device_id} srv {server_addr}[ {use}][ {profile}][ {length}]", "slash", lower=True),
     _t(
         "purpose_fields",
         "Requesting QoD. Purpose: {task}. Device: {device_id}. Server: {server_addr}.[ Duration: {length}.]",
@@ -260,27 +260,6 @@ TRAIN_TEMPLATES: tuple[Template, ...] = (
     _t("plz", "{purpose} on {device} w/ {server}[ {duration}] plz!", lower=True),
     _t("sesion", "setup qos sesion {device_id} and {server_addr} for {task}[ for {length}]", "terse", lower=True),
     _t("yo", "yo, {task} on {device_id}, server {server_addr}[, {length}]", "terse", lower=True),
-    # server first: the role words, not the order, say which address is the device
-    _t(
-        "backend_from",
-        "Backend {server_addr} needs priority traffic from client {device_id} ({task})[, {length}]",
-        "terse",
-    ),
-    _t("as_then_ue", "app server {server_addr} / ue {device_id} / {task}[ / {length}]", "slash", lower=True),
-    _t(
-        "host_client",
-        "host={server_addr} client={device_id}[ use={use}][ profile={profile}][ duration={length}]",
-        "kv",
-    ),
-    _t(
-        "server_lines",
-        "Server: {server_addr}\nDevice: {device_id}[\nUse case: {use}][\nProfile: {profile}][\nDuration: {length}]",
-        "lines",
-    ),
-    _t("to_from", "To {server_addr} from {device_id}: {task}[, {length}]", "terse"),
-    _t("reachable_from", "Please make {server} reachable from {device} for {purpose}[ {duration}]."),
-    _t("what_it_talks_to", "{server} is what {device} talks to for {purpose}. Prioritise it[ {duration}], please."),
-    _t("endpoints", "Endpoints: server {server_addr}, handset {device_id}. Purpose: {task}.[ Duration: {length}.]"),
 )
 """Frames the model trains on (SFT and preference prompts)."""
 
@@ -354,7 +333,7 @@ EVAL_TEMPLATES: tuple[Template, ...] = (
 
 _OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
 _SLOT = re.compile(r"\{(\w+)\}")
-_CAPITALISED_OPENINGS = ("{purpose}", "{task}", "[{length}", "{server}")
+_CAPITALISED_OPENINGS = ("{purpose}", "{task}", "[{length}")
 
 
 def fill_frame(frame: str, slots: dict[str, str]) -> str:
