@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
-from qod_lightning.data.sft import SFTDataModule
-from qod_lightning.logprobs import batch_logps
+from qod_lightning.bench.data import sft_batches
+from qod_lightning.bench.timing import training_step_times
 from qod_lightning.model import ModelSettings, build_model
 
 
@@ -33,28 +32,12 @@ def default_threads() -> list[int]:
     return [*counts, cores] if cores > 1 else counts
 
 
-def batches(model: str, steps: int) -> list[dict[str, torch.Tensor]]:
-    """``steps`` SFT batches of 2 records, encoded and collated by the SFT data module itself."""
-    data = SFTDataModule(model, "data/notes_sft.jsonl", batch_size=2)
-    examples = [data.encode(record) for record in data.read(data.hparams.train_file)[: 2 * steps]]
-    examples = [example for example in examples if example is not None]  # too long: the module drops them too
-    return [data.collate(examples[i : i + 2]) for i in range(0, len(examples), 2)]
-
-
 def step_times(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list[dict[str, torch.Tensor]], threads: int
 ) -> list[float]:
     """Seconds of each training step over ``data`` with ``threads`` intra-op threads."""
     torch.set_num_threads(threads)
-    times = []
-    for batch in data:
-        start = time.perf_counter()
-        logps, counts = batch_logps(model, batch)
-        (-logps.sum() / counts.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-    return times
+    return training_step_times(model, optimizer, data)
 
 
 def main() -> None:
@@ -65,7 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    data = batches(args.model, args.steps)
+    data = sft_batches(args.model, "data/notes_sft.jsonl", args.steps)
     torch.manual_seed(0)
     settings = ModelSettings(args.model, finetune="full", dtype="float32", attn_implementation="sdpa")
     model = build_model(settings).train()

@@ -95,3 +95,24 @@ def first_batches(dm: Any, count: int) -> list[dict[str, torch.Tensor]]:
             break
         batches.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
     return batches
+
+
+def sft_batches(model: str, train_file: str | Path, steps: int, batch_size: int = 2) -> list[dict[str, torch.Tensor]]:
+    """The first ``steps`` SFT batches of ``train_file``, encoded and collated by the SFT data module itself.
+
+    Args:
+        model: The model whose tokenizer encodes the records.
+        train_file: SFT records (JSONL).
+        steps: Batches wanted; fewer when records are too long (the module drops those too).
+        batch_size: Records per batch.
+
+    Returns:
+        The batches, in file order.
+
+    """
+    from qod_lightning.data.sft import SFTDataModule
+
+    data = SFTDataModule(model, str(train_file), batch_size=batch_size)
+    examples = [data.encode(record) for record in data.read(data.hparams.train_file)[: batch_size * steps]]
+    examples = [example for example in examples if example is not None]
+    return [data.collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
