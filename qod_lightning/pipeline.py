@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ from qod_lightning.artifacts import (
 
 if TYPE_CHECKING:
     from qod_lightning.callbacks import TensorBoardRun
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
