@@ -156,6 +156,10 @@ def test_the_smoke_config_runs_the_whole_job_on_the_embedded_model(tmp_path):
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["pipeline", "--config", str(path)]) == 0
+    # The default trains DPO on the SFT model's own answers: one pair per prompt of the preference file.
+    assert config["on_policy_pairs"] and config["on_policy_rejected"] == "answer"
+    pairs = (tmp_path / "work" / "dpo" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(pairs) == len(Path(config["dpo_train_file"]).read_text(encoding="utf-8").splitlines())
     # Two training steps leave answers that the smoke budget cuts short, grammar or not.
     check_artifacts(tmp_path, constrained=True, full=True, grammar_closes=False)
 
