@@ -8,9 +8,12 @@ runs a model on a batch of rows. Preference pairs packed one row each
 (:mod:`qod_lightning.data.packing` lays them out with this module's segment ids) are scored by
 :func:`pair_logps` when :func:`can_pack` says the packed row gives the two-row numbers: it runs the
 decoder under :func:`pair_attention_mask` and gathers with :func:`packed_pair_logps`.
+:func:`pair_layout` chooses, once per model, which of the two layouts its batches are built in.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -177,20 +180,55 @@ def batch_logps(
     return response_logps(hidden, lm.get_output_embeddings(), batch["labels"])
 
 
+@dataclass(frozen=True)
+class PairLayout:
+    """How preference batches are laid out, chosen once for a model (:func:`pair_layout`).
+
+    Attributes:
+        packed: One ``prompt | chosen | rejected`` row per pair, so each prompt is scored once;
+            ``False``: two rows per pair (chosen rows, then rejected rows).
+        window: The model's sliding-window attention span, if any: a batch whose packed rows reach
+            past it is laid out in two rows instead (the packed mask has no window).
+    """
+
+    packed: bool = True
+    window: int | None = None
+
+    def fits(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether ``batch``'s packed rows keep every answer within the window of its prompt."""
+        return self.window is None or int(batch["packed_positions"].max()) + 1 < self.window
+
+
+def can_pack_model(model: PeftModel | PreTrainedModel) -> bool:
+    """Whether ``model`` scores packed rows exactly as two rows, where they fit its window.
+
+    Needs an attention that takes a custom mask and a plain ``lm_head(hidden)`` output (no logit
+    soft-capping).
+    """
+    config = causal_lm(model).config
+    return config._attn_implementation in PACKABLE_ATTENTION and has_plain_lm_head(config)
+
+
+def pair_layout(model: PeftModel | PreTrainedModel, share_prompt: bool = True) -> PairLayout:
+    """The layout of ``model``'s preference batches: packed where it can score them, else two rows."""
+    window = getattr(causal_lm(model).config, "sliding_window", None)
+    return PairLayout(packed=share_prompt and can_pack_model(model), window=window)
+
+
 def can_pack(model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor]) -> bool:
     """Whether ``model`` scores ``batch``'s packed rows exactly as it scores the two-row layout.
 
-    Needs an attention that takes a custom mask, a plain ``lm_head(hidden)`` output (no logit
-    soft-capping), and, with sliding-window attention, every answer within the window of its
-    prompt (the packed mask has no window).
+    The batch must hold packed rows, the model must be able to score them (:func:`can_pack_model`),
+    and with sliding-window attention every answer must lie within the window of its prompt.
     """
-    config = causal_lm(model).config
-    if "packed_ids" not in batch or config._attn_implementation not in PACKABLE_ATTENTION:
-        return False
-    if not has_plain_lm_head(config):
-        return False
-    window = getattr(config, "sliding_window", None)
-    return window is None or int(batch["packed_positions"].max()) + 1 < window
+    return "packed_ids" in batch and can_pack_model(model) and pair_layout(model).fits(batch)
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens scored in ``batch``: answer tokens of its rows, or of its packed pairs."""
+    if "packed_targets" in batch:
+        return int((batch["packed_targets"] != IGNORE_INDEX).sum())
+    return int(_shift(batch["labels"])[1].sum())
 
 
 def pair_logps(
@@ -210,8 +248,16 @@ def pair_logps(
     Returns:
         (2B,) log-probs.
 
+    Raises:
+        ValueError: The batch holds packed rows only and the model cannot score them.
+
     """
     if not (share_prompt and can_pack(model, batch)):
+        if "input_ids" not in batch:
+            raise ValueError(
+                "this preference batch holds packed rows only, and the model cannot score them exactly; "
+                "lay the batches out for this model (PreferenceDataModule.layout = pair_layout(model))"
+            )
         return batch_logps(model, batch)[0]
     lm = causal_lm(model)
     sdpa = lm.config._attn_implementation == "sdpa"

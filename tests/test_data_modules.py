@@ -10,6 +10,7 @@ from qod_lightning.data.preference import PreferenceDataModule
 from qod_lightning.data.sampling import WindowBatchSampler
 from qod_lightning.data.sft import SFTDataModule
 from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, format_prompt, keep_last
+from qod_lightning.logprobs import PairLayout
 
 
 def write(path, records):
@@ -86,6 +87,7 @@ def test_special_tokens_spelled_in_a_request_stay_text(tiny_model_dir, prompt_fo
 def test_preference_batch_concatenates_chosen_then_rejected(tiny_model_dir, tmp_path):
     path = write(tmp_path / "p.jsonl", [{"prompt": "gaming", "chosen": '{"q":"QOS_E"}', "rejected": "Sure! {}"}])
     dm = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1)
+    dm.layout = PairLayout(packed=False)
     dm.setup("fit")
     tok = dm.tokenizer
     prompt = tok(format_prompt(tok, "gaming"))["input_ids"]
@@ -111,13 +113,27 @@ def test_pad_to_multiple_of_reaches_every_layout(tiny_model_dir, sft_file, tmp_p
     pref = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1, pad_to_multiple_of=64)
     pref.setup("fit")
     item = pref.train_set[0]
-    pairs = pref.collate([item])
-    two_rows = len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
     packed = len(item["prompt_ids"]) + len(item["chosen_ids"]) + len(item["rejected_ids"])
-    assert pairs["input_ids"].shape[1] == -(-two_rows // 64) * 64
-    assert pairs["packed_ids"].shape[1] == -(-packed // 64) * 64
+    assert pref.collate([item])["packed_ids"].shape[1] == -(-packed // 64) * 64
+    pref.layout = PairLayout(packed=False)
+    two_rows = len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
+    assert pref.collate([item])["input_ids"].shape[1] == -(-two_rows // 64) * 64
     with pytest.raises(ValueError, match="at least 1"):
         SFTDataModule(str(tiny_model_dir), str(sft_file), pad_to_multiple_of=0)
+
+
+def test_preference_batches_come_in_one_layout_packed_where_they_fit_the_window(tiny_model_dir, tmp_path):
+    path = write(tmp_path / "p.jsonl", [{"prompt": "gaming", "chosen": '{"q":"QOS_E"}', "rejected": "Sure! {}"}])
+    dm = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1)
+    dm.setup("fit")
+    item = dm.train_set[0]
+    packed_keys = {"packed_ids", "packed_positions", "packed_segments", "packed_targets", "packed_sources"}
+    assert set(dm.collate([item])) == packed_keys
+    longest_position = len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"])) - 1
+    dm.layout = PairLayout(window=longest_position + 1)  # the longer answer reaches the window's edge
+    assert set(dm.collate([item])) == {"input_ids", "attention_mask", "labels"}
+    dm.layout = PairLayout(window=longest_position + 2)
+    assert "packed_ids" in dm.collate([item])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qod_lightning.data.preference import PreferenceDataModule
-from qod_lightning.logprobs import batch_logps, response_logps, sequence_logps
+from qod_lightning.logprobs import PairLayout, batch_logps, response_logps, sequence_logps
 from qod_lightning.model import ModelSettings
 from qod_lightning.modules import DPOModule
 
@@ -81,6 +81,7 @@ def test_gradients_flow_only_through_response_positions():
 def test_concatenated_pass_equals_separate_passes(tiny_model_dir, small_data):
     dm = PreferenceDataModule(str(tiny_model_dir), str(small_data["preferences"]), val_fraction=0.0, batch_size=3)
     dm.setup("fit")
+    dm.layout = PairLayout(packed=False)
     module = DPOModule(ModelSettings(str(tiny_model_dir)))
     module.model.eval()
     items = [dm.train_set[i] for i in range(3)]

@@ -9,7 +9,7 @@ import torch
 
 from qod_lightning.data.preference import PreferenceDataModule
 from qod_lightning.data.sft import SFTDataModule
-from qod_lightning.logprobs import batch_logps, sequence_logps
+from qod_lightning.logprobs import PairLayout, batch_logps, pair_logps, sequence_logps
 from qod_lightning.model import ModelSettings
 from qod_lightning.modules import DPOModule, SFTModule
 
@@ -100,8 +100,7 @@ def test_short_dpo_run_raises_accuracy_and_margin(tiny_model_dir, small_data, tm
     def rewards():
         dpo.model.eval()
         with torch.no_grad():
-            batch = dm.collate(dm.train_set.examples)
-            logps, _ = batch_logps(dpo.model, batch)
+            logps = pair_logps(dpo.model, dm.collate(dm.train_set.examples))  # the layout the module chose
         chosen, rejected = logps.view(2, -1)
         ref = dpo.reference["train"]
         margin = (chosen - ref[:, 0]) - (rejected - ref[:, 1])
@@ -297,7 +296,10 @@ def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(tiny_model_dir, sm
     settings = _sft_adapter(tiny_model_dir, small_data, tmp_path)
     dm = PreferenceDataModule(str(tiny_model_dir), str(small_data["preferences"]), val_fraction=0.5, batch_size=4)
     dpo = DPOModule(settings, nll_weight=0.5)
+    dm.layout = PairLayout(packed=False)
     logged = trainer(tmp_path).validate(dpo, dm)[0]
+    assert dm.layout.packed  # the module laid the batches out for its model: scored in packed rows
+    dm.layout = PairLayout(packed=False)
     batch = dm.collate(dm.val_set.examples)
     dpo.model.eval()
     with torch.no_grad():

@@ -13,8 +13,10 @@ from qod_lightning.logprobs import (
     PAD,
     PROMPT,
     REJECTED,
+    PairLayout,
     can_pack,
     pair_attention_mask,
+    pair_layout,
     pair_logps,
     sequence_logps,
 )
@@ -207,3 +209,25 @@ def test_falls_back_to_two_rows_where_packing_would_differ():
     assert not can_pack(model, {k: v for k, v in batch.items() if not k.startswith("packed_")})
     model.config._attn_implementation = "flash_attention_2"  # takes no custom mask
     assert not can_pack(model, batch)
+
+
+def test_a_models_layout_is_chosen_once_from_what_it_can_score():
+    batch = _batch(_pairs())
+    longest_position = int(batch["packed_positions"].max())
+    assert pair_layout(_model("llama", "sdpa")) == PairLayout(packed=True, window=None)
+    assert pair_layout(_model("llama", "sdpa"), share_prompt=False) == PairLayout(packed=False, window=None)
+    narrow = pair_layout(_model("phi3", "sdpa", sliding_window=longest_position))
+    assert narrow.packed and narrow.window == longest_position
+    assert not narrow.fits(batch)  # such a batch is collated in two rows instead
+    assert PairLayout(window=longest_position + 2).fits(batch)
+    model = _model("llama", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom mask
+    assert pair_layout(model) == PairLayout(packed=False, window=None)
+
+
+def test_a_packed_only_batch_is_refused_by_a_model_that_cannot_score_it():
+    packed = pack_pairs(_pairs(), 0)
+    model = _model("llama", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="packed rows only"):
+        pair_logps(model, packed)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qod_lightning.bench.options import StageSpec
+from qod_lightning.logprobs import PairLayout
 
 
 def write_cycled_jsonl(source: str | Path, count: int, target: str | Path, prompt_repeat: int = 1) -> Path:
@@ -60,6 +61,10 @@ def data_module(spec: StageSpec) -> Any:
         pad_to_multiple_of=spec.pad_to_multiple_of,
         seed=spec.seed,
     )
+    if spec.stage == "dpo":
+        # Both frameworks warm up on two-row batches (first_batches); our DPO module lays out
+        # its own training batches when the trainer sets it up.
+        dm.layout = PairLayout(packed=False)
     dm.setup("fit")
     return dm
 

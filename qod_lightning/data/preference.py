@@ -12,22 +12,27 @@ from qod_lightning.data.packing import pack_pairs
 from qod_lightning.data.prompts import SYSTEM_PROMPT
 from qod_lightning.data.sft import warn_about_records
 from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, pad_batch
-from qod_lightning.logprobs import IGNORE_INDEX
+from qod_lightning.logprobs import IGNORE_INDEX, PairLayout
 
 PREFERENCE_RECORD = {"prompt": str, "chosen": str, "rejected": str}
 
 
 class PreferenceDataModule(TokenizedDataModule):
-    """DPO batches holding chosen and rejected answers to the same prompts, concatenated.
+    """DPO batches holding chosen and rejected answers to the same prompts.
 
-    A batch of B pairs has ``input_ids``, ``attention_mask`` and ``labels`` of shape (2B, T):
-    rows ``[:B]`` are the chosen answers and rows ``[B:]`` the rejected ones, padded to one length
-    so the policy scores both in a single forward pass; and the same pairs packed one row each
-    (``packed_*``, (B, L)), so the prompt is scored once (:mod:`~qod_lightning.data.packing`).
-    Labels are ``-100`` on the prompt and padding. ``prompt`` is the user's request; the instruction is
-    :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT. See
+    A batch of B pairs comes in one of two layouts, chosen by :attr:`layout` (the DPO module
+    sets it for its model when it is set up, :func:`~qod_lightning.logprobs.pair_layout`):
+    packed, one ``prompt | chosen | rejected`` row per pair (``packed_*``, (B, L)), so the prompt is
+    scored once (:mod:`~qod_lightning.data.packing`); or two rows per pair, ``input_ids``,
+    ``attention_mask`` and ``labels`` of shape (2B, T): rows ``[:B]`` the chosen answers and rows
+    ``[B:]`` the rejected ones, padded to one length so the policy scores both in a single forward
+    pass. Labels are ``-100`` on the prompt and padding. ``prompt`` is the user's request; the
+    instruction is :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT. See
     :class:`~qod_lightning.data.base.TokenizedDataModule` for the arguments.
     """
+
+    layout = PairLayout()
+    """Packed rows unless the model asks for two rows (a class default; the DPO module sets its own)."""
 
     encoded_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "input_ids")
     answer_key = "chosen"
@@ -68,12 +73,17 @@ class PreferenceDataModule(TokenizedDataModule):
         return 1
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Both layouts of the batch; the module scores whichever its model supports.
+        """The batch in :attr:`layout`: packed rows where they fit the model's window, else two rows.
 
-        ``input_ids``/``attention_mask``/``labels`` (2B, T): chosen rows then rejected rows,
-        right-padded to one length. ``packed_*`` (B, L): one ``prompt | chosen | rejected`` row per
-        pair (:func:`~qod_lightning.data.packing.pack_pairs`).
+        ``packed_*`` (B, L): one ``prompt | chosen | rejected`` row per pair
+        (:func:`~qod_lightning.data.packing.pack_pairs`). ``input_ids``/``attention_mask``/``labels``
+        (2B, T): chosen rows then rejected rows, right-padded to one length.
         """
+        pad_id, multiple = self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of
+        if self.layout.packed:
+            packed = pack_pairs(items, pad_id, multiple)
+            if self.layout.fits(packed):
+                return packed
         rows = [
             {
                 "input_ids": item["prompt_ids"] + item[key],
@@ -82,5 +92,4 @@ class PreferenceDataModule(TokenizedDataModule):
             for key in ("chosen_ids", "rejected_ids")
             for item in items
         ]
-        pad_id, multiple = self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of
-        return pad_batch(rows, pad_id, pad_to_multiple_of=multiple) | pack_pairs(items, pad_id, multiple)
+        return pad_batch(rows, pad_id, pad_to_multiple_of=multiple)

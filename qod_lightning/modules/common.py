@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from qod_lightning.artifacts import check_writable
-from qod_lightning.logprobs import IGNORE_INDEX
+from qod_lightning.logprobs import target_tokens
 from qod_lightning.model import ModelSettings, build_model, load_tokenizer, save_adapter
 
 
@@ -128,7 +128,7 @@ class AdapterModule(L.LightningModule):
                 )
             rank_zero_warn(f"skipping batch with non-finite loss ({loss.item()}) at {where}")
             return None
-        rate = self._throughput.update(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        rate = self._throughput.update(target_tokens(batch))
         if rate is not None:
             self.log("train/tokens_per_sec", rate, batch_size=1)
         return loss

@@ -13,15 +13,18 @@ from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 from tqdm.auto import tqdm
 
-from qod_lightning.logprobs import IGNORE_INDEX, pair_logps
+from qod_lightning.logprobs import CHOSEN, IGNORE_INDEX, pair_layout, pair_logps
 from qod_lightning.losses import chosen_nll, dpo_loss
 from qod_lightning.model import ModelSettings, count_parameters
 from qod_lightning.modules.common import AdapterModule
 
 
 def chosen_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) number of answer tokens in each chosen answer of a preference batch (rows ``[:B]``)."""
-    chosen_labels = batch["labels"][: batch["labels"].size(0) // 2, 1:]  # (B, T-1): targets, as scored
+    """(B,) number of answer tokens in each chosen answer of a preference batch, in either layout."""
+    if "packed_segments" in batch:
+        scored = (batch["packed_segments"] == CHOSEN) & (batch["packed_targets"] != IGNORE_INDEX)  # (B, L)
+        return scored.sum(-1)
+    chosen_labels = batch["labels"][: batch["labels"].size(0) // 2, 1:]  # (B, T-1): rows [:B], targets as scored
     return (chosen_labels != IGNORE_INDEX).sum(-1)
 
 
@@ -155,6 +158,13 @@ class DPOModule(AdapterModule):
             )
         self.reference[split] = self.compute_reference(datamodule.ordered_dataloader(split), split)
         self.reference_digests[split] = digest
+
+    def setup(self, stage: str) -> None:
+        """Lay out the preference batches for this model: packed rows if it can score them exactly."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            datamodule.layout = pair_layout(self.model, self.hparams.share_prompt)
 
     def on_fit_start(self) -> None:
         """Cache reference log-probs for every split's pairs before any update."""
