@@ -272,8 +272,8 @@ class Snapshots(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
-        """Count the batch's records; snapshot after every ``every_n_steps``-th optimizer step."""
-        self._records += int(batch["input_ids"].shape[0]) * trainer.world_size
+        """Count the batch's records (DPO: pairs); snapshot after every ``every_n_steps``-th optimizer step."""
+        self._records += int(batch["index"].numel()) * trainer.world_size  # one index per record, in any layout
         step = trainer.global_step  # the micro-batches of an accumulation window before the first step see 0
         if step > 0 and step % self.every_n_steps == 0 and step not in {entry["step"] for entry in self.index}:
             self._snapshot(trainer, pl_module)

@@ -4,6 +4,7 @@ import json
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -190,3 +191,18 @@ def test_snapshots_count_optimizer_steps_under_gradient_accumulation(tiny_model_
         accumulate_grad_batches=3,
     )
     assert [(entry["step"], entry["records"]) for entry in index] == [(1, 3), (2, 6)]
+
+
+def test_snapshots_count_records_not_rows():
+    """A DPO batch of 3 pairs is 3 records, whether packed (3 rows) or in two rows per pair (6 rows)."""
+    from types import SimpleNamespace
+
+    from qod_lightning.callbacks import Snapshots
+
+    snapshots = Snapshots(every_n_steps=10)
+    trainer = SimpleNamespace(world_size=2, global_step=0)
+    packed = {"packed_ids": torch.zeros(3, 9, dtype=torch.long), "index": torch.tensor([4, 0, 7])}
+    two_rows = {"input_ids": torch.zeros(6, 7, dtype=torch.long), "index": torch.tensor([1, 2, 3])}
+    for batch in (packed, two_rows):
+        snapshots.on_train_batch_end(trainer, None, None, batch, 0)
+    assert snapshots._records == 12  # 6 pairs on each of 2 ranks
