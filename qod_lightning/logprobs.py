@@ -221,7 +221,8 @@ def can_pack(model: PeftModel | PreTrainedModel, batch: dict[str, torch.Tensor])
     The batch must hold packed rows, the model must be able to score them (:func:`can_pack_model`),
     and with sliding-window attention every answer must lie within the window of its prompt.
     """
-    return "packed_ids" in batch and can_pack_model(model) and pair_layout(model).fits(batch)
+    layout = pair_layout(model)
+    return "packed_ids" in batch and layout.packed and layout.fits(batch)
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
