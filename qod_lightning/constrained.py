@@ -1,16 +1,22 @@
-"""Constrained decoding: the request grammar (xgrammar), compiled once per tokenizer, that masks the logits.
+"""Constrained decoding: the request grammar (xgrammar) that masks the logits.
 
 The grammar is compiled from a narrowed copy of :data:`~qod_lightning.schema.REQUEST_SCHEMA`
 (:func:`grammar_schema`), so every answer it lets a model finish parses and passes the schema.
+For each request it is narrowed once more (:func:`grounded_schema`): an address, phone number,
+identifier, URL, token or port can only be one the request states, so the grammar never makes a
+model write a value it would not have copied. Which value goes where is still the model's choice.
 xgrammar is optional (the ``constrained`` extra) and imported only where a grammar is compiled,
 matched or applied, so importing this module does not need it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qod_lightning.extraction import NOTE_REGEX
 from qod_lightning.schema import IPV4_NETWORK_PATTERN, IPV4_PATTERN, NAI_PATTERN, REQUEST_SCHEMA
+from qod_lightning.validation import PORT_KEYS, RequestValues, request_values
 
 _HEX = "[0-9a-fA-F]{1,4}"
 IPV6_STRICT = "|".join(
@@ -140,6 +147,80 @@ def grammar_schema(schema: dict[str, Any] = REQUEST_SCHEMA) -> dict[str, Any]:
     return node
 
 
+@functools.cache
+def _request_grammar_schema() -> dict[str, Any]:
+    """:func:`grammar_schema` of the request schema, made once (callers copy what they change)."""
+    return grammar_schema()
+
+
+def _copyable_strings(values: RequestValues) -> set[str]:
+    """Every string an answer may copy from a request: its values as written, in each form an answer uses."""
+    addresses = {text.partition("/")[0] for text in values.ips}  # "198.51.100.0/24" also names 198.51.100.0
+    phones = {f"+{digits}" for digits in values.phone_numbers} | set(values.phone_numbers)
+    return {*values.ips, *addresses, *phones, *values.urls, *values.identifiers, *values.words}
+
+
+def _ground(node: dict[str, Any], key: str | None, strings: set[str], ports: list[int]) -> dict[str, Any] | None:
+    """``node`` with each copied value narrowed to ``strings`` or ``ports``; ``None`` when nothing fits."""
+    if "enum" in node:
+        return node
+    if "anyOf" in node:
+        branches = [b for b in (_ground(branch, key, strings, ports) for branch in node["anyOf"]) if b is not None]
+        return {**node, "anyOf": branches} if branches else None
+    kind = node.get("type")
+    if kind == "string" and "pattern" in node:
+        choices = sorted(text for text in strings if re.search(node["pattern"], text))
+        return {"type": "string", "enum": choices} if choices else None
+    if kind == "integer" and key in PORT_KEYS:
+        low, high = node.get("minimum", 0), node.get("maximum", 65535)
+        choices = [number for number in ports if low <= number <= high]
+        return {"type": "integer", "enum": choices} if choices else None
+    if kind == "array":
+        items = _ground(node["items"], key, strings, ports)  # "ports" names its items
+        return {**node, "items": items} if items is not None else None
+    if kind == "object" and "properties" in node:
+        kept = {name: _ground(child, name, strings, ports) for name, child in node["properties"].items()}
+        properties = {name: child for name, child in kept.items() if child is not None}
+        if set(node.get("required", ())) - set(properties) or len(properties) < node.get("minProperties", 0):
+            return None
+        return {**node, "properties": properties}
+    return node
+
+
+def grounded_schema(request: str) -> dict[str, Any]:
+    """The grammar schema (:func:`grammar_schema`) narrowed to the values ``request`` states.
+
+    A pattern-checked string (an IP address, phone number, network access identifier, URL or
+    auth token) becomes an ``enum`` of the request's values that the pattern accepts
+    (:func:`~qod_lightning.validation.request_values`, the values the hallucination check
+    accepts), and a port an ``enum`` of the request's numbers. A key with no such value goes,
+    and so does a branch or an optional object that needs it: with no phone number in the
+    request, ``phoneNumber`` is not allowed, so a model that would write a device in the wrong
+    form must choose a form the request has. A required field with no value to copy (a request
+    that names no server address) keeps the ungrounded schema, so an answer is still possible.
+    The duration is converted, not copied, and stays as it is.
+
+    Args:
+        request: The user's request text.
+
+    Returns:
+        The narrowed schema (a new object; the cached grammar schema is not modified).
+
+    """
+    base = _request_grammar_schema()
+    values = request_values(request)
+    strings = _copyable_strings(values)
+    ports = sorted(number for number in values.numbers if number <= 65535)
+    properties = {}
+    for name, child in base["properties"].items():
+        narrowed = _ground(child, name, strings, ports)
+        if narrowed is None and name in base["required"]:
+            narrowed = child
+        if narrowed is not None:
+            properties[name] = narrowed
+    return {**base, "properties": properties}
+
+
 def _tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
     """The xgrammar view of ``tokenizer``, with its special tokens marked as such.
 
@@ -182,26 +263,32 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 @dataclass
 class GrammarCache:
-    """Compiled request grammars, one per tokenizer and vocabulary size.
+    """Compiled request grammars, by tokenizer, vocabulary size, notes and (grounded) schema.
 
-    Compiling scans the vocabulary (about 9 s for SmolLM2's 49k tokens on two CPU cores), so it
-    happens once per tokenizer, not per request or per batch.
+    The first compile for a tokenizer scans its vocabulary (about 9 s for SmolLM2's 49k tokens on
+    two CPU cores); its compiler then keeps what grammars share, so each request's grounded grammar
+    (:func:`grounded_schema`) compiles in tens of milliseconds.
 
     Attributes:
-        grammars: ``(tokenizer fingerprint, len(tokenizer), model vocab size, notes)`` -> grammar. The
-            fingerprint (:func:`tokenizer_fingerprint`) is the tokenizer's content, not its
-            path, so the copies saved beside a base model and its adapters share one grammar.
+        grammars: ``(tokenizer fingerprint, len(tokenizer), model vocab size, notes, schema
+            digest)`` -> grammar, the least recently used first. The fingerprint
+            (:func:`tokenizer_fingerprint`) is the tokenizer's content, not its path, so the
+            copies saved beside a base model and its adapters share grammars.
+        compilers: One xgrammar compiler per tokenizer key.
+        max_grammars: The most grammars kept; the least recently used go first.
         hits: Look-ups served from the cache.
         misses: Look-ups that compiled.
 
     """
 
-    grammars: dict[tuple[str, int, int, bool], Any] = field(default_factory=dict)
+    grammars: OrderedDict[tuple[str, int, int, bool, str], Any] = field(default_factory=OrderedDict)
+    compilers: dict[tuple[str, int, int], Any] = field(default_factory=dict)
+    max_grammars: int = 4096
     hits: int = 0
     misses: int = 0
 
     def get(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, notes: bool = False) -> Any:
-        """Return the compiled request grammar for ``tokenizer``, compiling it on first use.
+        """Return the request grammar for ``tokenizer`` (any values, not grounded in a request).
 
         Args:
             tokenizer: The model's tokenizer.
@@ -215,23 +302,46 @@ class GrammarCache:
             An ``xgrammar.CompiledGrammar``.
 
         """
-        key = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size, notes)
-        if key in self.grammars:
-            self.hits += 1
-            return self.grammars[key]
+        return self._grammars(tokenizer, vocab_size, notes, [_request_grammar_schema()])[0]
+
+    def for_requests(
+        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, requests: list[str], notes: bool = False
+    ) -> list[Any]:
+        """Return each request's grounded grammar (:func:`grounded_schema`), as :meth:`get` does."""
+        return self._grammars(tokenizer, vocab_size, notes, [grounded_schema(r) for r in requests])
+
+    def _grammars(
+        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, notes: bool, schemas: list[dict[str, Any]]
+    ) -> list[Any]:
+        base = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size)  # hashed once for all schemas
+        out = []
+        for schema in schemas:
+            text = json.dumps(schema, sort_keys=True)
+            key = (*base, notes, hashlib.sha256(text.encode()).hexdigest())
+            if key in self.grammars:
+                self.hits += 1
+                self.grammars.move_to_end(key)
+            else:
+                self.misses += 1
+                self.grammars[key] = self._compile(base, tokenizer, text, notes)
+                if len(self.grammars) > self.max_grammars:
+                    self.grammars.popitem(last=False)
+            out.append(self.grammars[key])
+        return out
+
+    def _compile(self, base: tuple[str, int, int], tokenizer: PreTrainedTokenizerBase, schema: str, notes: bool) -> Any:
         import xgrammar as xgr
 
-        self.misses += 1
-        compiler = xgr.GrammarCompiler(_tokenizer_info(tokenizer, vocab_size), max_threads=min(8, os.cpu_count() or 1))
+        if base not in self.compilers:
+            info = _tokenizer_info(tokenizer, base[2])
+            self.compilers[base] = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1))
         # No free whitespace: an untrained model otherwise loops on spaces and newlines. The compact
         # separators are those of the training answers (dump_request).
-        schema = json.dumps(grammar_schema())
         request = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
         if notes:
             noted = xgr.Grammar.concat(xgr.Grammar.from_regex(NOTE_REGEX), request)
             request = xgr.Grammar.union(noted, request)
-        self.grammars[key] = compiler.compile_grammar(request)
-        return self.grammars[key]
+        return self.compilers[base].compile_grammar(request)
 
 
 GRAMMAR_CACHE = GrammarCache()
@@ -240,22 +350,23 @@ GRAMMAR_CACHE = GrammarCache()
 
 
 class GrammarMask:
-    """Per-row xgrammar matchers that mask logits to the tokens the request grammar allows next.
+    """Per-row xgrammar matchers that mask logits to the tokens each row's grammar allows next.
 
     Rows are named by their index in the batch as it started, so the mask follows rows that stay
     while finished ones leave the batch. Once a row's grammar is complete only EOS is allowed.
 
     Args:
-        compiled_grammar: From :meth:`GrammarCache.get`.
-        batch_size: Rows of the batch as it started.
+        grammars: One compiled grammar per row of the batch as it started
+            (:meth:`GrammarCache.for_requests`, or :meth:`GrammarCache.get` for every row), all
+            for one tokenizer.
 
     """
 
-    def __init__(self, compiled_grammar: Any, batch_size: int) -> None:
+    def __init__(self, grammars: list[Any]) -> None:
         import xgrammar as xgr
 
-        self.matchers = [xgr.GrammarMatcher(compiled_grammar) for _ in range(batch_size)]
-        self.bitmask = xgr.allocate_token_bitmask(batch_size, compiled_grammar.tokenizer_info.vocab_size)
+        self.matchers = [xgr.GrammarMatcher(grammar) for grammar in grammars]
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), grammars[0].tokenizer_info.vocab_size)
 
     def apply(self, scores: torch.Tensor, rows: list[int]) -> None:
         """Mask ``scores`` (b, V), whose row ``j`` belongs to batch row ``rows[j]``, in place."""
@@ -320,6 +431,7 @@ def grammar_accepted_starts(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     answers: list[list[int]],
+    requests: list[str],
     notes: bool = False,
 ) -> list[list[int]]:
     """The start of each greedy unconstrained answer that greedy constrained decoding shares.
@@ -339,6 +451,7 @@ def grammar_accepted_starts(
         tokenizer: Its tokenizer.
         answers: Greedy unconstrained answer tokens
             (:func:`~qod_lightning.generation.generate_tokens`).
+        requests: The request each answer answers (its grammar is grounded in it).
         notes: The grammar allows a scratchpad note first (as
             :func:`~qod_lightning.generation.generate_tokens`).
 
@@ -346,5 +459,7 @@ def grammar_accepted_starts(
         For each answer, its longest start the request grammar accepts.
 
     """
-    grammar = GRAMMAR_CACHE.get(tokenizer, output_size(model), notes)
-    return [ids[: grammar_prefix_length(grammar, ids)] for ids in answers]
+    if len(requests) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(requests)} requests")
+    grammars = GRAMMAR_CACHE.for_requests(tokenizer, output_size(model), requests, notes)
+    return [ids[: grammar_prefix_length(grammar, ids)] for grammar, ids in zip(grammars, answers, strict=True)]

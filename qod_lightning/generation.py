@@ -171,7 +171,7 @@ def decode_batch(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     options: DecodingOptions,
-    grammar: Any | None = None,
+    grammars: list[Any] | None = None,
     forced: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """Decode one batch of prompts with a KV cache, dropping each row from the batch once it is done.
@@ -186,7 +186,7 @@ def decode_batch(
         tokenizer: Its tokenizer (finds where answers end).
         prompts: Prompt ids, one list per row.
         options: Token choice and limits.
-        grammar: A compiled request grammar that masks every step's logits, or ``None``.
+        grammars: Each row's compiled request grammar, which masks its logits at every step, or ``None``.
         forced: Tokens each row's answer starts with, taken as given and counted against
             ``max_new_tokens`` (``None``: none). A row they already finish is not decoded.
 
@@ -199,7 +199,7 @@ def decode_batch(
     new_tokens = [list(ids) for ids in forced] if forced is not None else [[] for _ in prompts]
     kept = [_kept_length(tokenizer, ids, options) for ids in new_tokens]
     running = [row for row, n in enumerate(kept) if n is None]  # the starting index of each row still in the batch
-    mask = GrammarMask(grammar, len(prompts)) if grammar is not None else None
+    mask = GrammarMask(grammars) if grammars is not None else None
     if running:
         if mask is not None:
             for row in running:
@@ -302,7 +302,9 @@ def generate_tokens(
             give every worker a batch of this size).
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (only with ``do_sample``).
-        constrained: Mask the logits with the request grammar (needs ``xgrammar``).
+        constrained: Mask the logits with each request's grammar (needs ``xgrammar``): the answer
+            passes the schema and copies its addresses, numbers and identifiers from the request
+            (:func:`~qod_lightning.constrained.grounded_schema`).
         notes: With ``constrained``, the grammar allows a scratchpad note line before the request
             (for a model trained on notes; :meth:`~qod_lightning.constrained.GrammarCache.get`).
         max_input_tokens: Longest prompt kept, in tokens.
@@ -336,8 +338,10 @@ def generate_tokens(
     prompts = _prompt_ids(tokenizer, requests, prompt_format, max_input_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = DecodingOptions(max_new_tokens, pad, tokenizer.eos_token_id, do_sample, temperature)
-    grammar = GRAMMAR_CACHE.get(tokenizer, output_size(model), notes) if constrained else None
-    if grammar is not None and any(grammar_prefix_length(grammar, ids) < len(ids) for ids in forced):
+    grammars = GRAMMAR_CACHE.for_requests(tokenizer, output_size(model), requests, notes) if constrained else None
+    if grammars is not None and any(
+        grammar_prefix_length(grammar, ids) < len(ids) for grammar, ids in zip(grammars, forced, strict=True)
+    ):
         raise ValueError("a forced start is against the request grammar (see grammar_accepted_starts)")
     done = [_kept_length(tokenizer, ids, options) for ids in forced]
     answers = [ids[:n] if n is not None else [] for ids, n in zip(forced, done, strict=True)]
@@ -350,7 +354,8 @@ def generate_tokens(
     chunks = [order[start : start + size] for start in range(0, len(order), size)]
 
     def decode(chunk: list[int]) -> list[list[int]]:
-        return decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, grammar, [forced[i] for i in chunk])
+        rows = [grammars[i] for i in chunk] if grammars is not None else None
+        return decode_batch(model, tokenizer, [prompts[i] for i in chunk], options, rows, [forced[i] for i in chunk])
 
     with tqdm(total=len(chunks), desc="Generating", unit="batch", disable=None, leave=False) as bar:
         for chunk, decoded in map_in_threads(decode, chunks, workers):

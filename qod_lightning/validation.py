@@ -28,7 +28,8 @@ CHECKS: tuple[str, ...] = (
     "duration",
 )
 
-_PORT_KEYS = frozenset({"publicPort", "ports", "from", "to"})
+PORT_KEYS = frozenset({"publicPort", "ports", "from", "to"})
+"""The keys whose numbers are ports (a request states them; an answer copies them)."""
 # A sentence-final period may follow an address or number ("server 192.0.2.1."); a dot
 # followed by a digit may not, so "1.2.3.4.5" and "2.5 hours" are not read as addresses or ports.
 _IPV4_RE = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?!\.?\d)")
@@ -172,14 +173,15 @@ def _schema_checks(obj: dict[str, Any]) -> dict[str, list[str]]:
     return found
 
 
-def _request_addresses(text: str) -> set[tuple[Any, int | None]]:
-    found: set[tuple[Any, int | None]] = set()
+def _request_ips(text: str) -> dict[str, tuple[Any, int | None]]:
+    """Each IP address of ``text`` as written (with its prefix length, if any) -> (address, prefix length)."""
+    found: dict[str, tuple[Any, int | None]] = {}
     for match in [*_IPV4_RE.findall(text), *_IPV6_RE.findall(text)]:
         address, _, mask = match.partition("/")
         if address.endswith(":") and not address.endswith("::"):
             address = address[:-1]  # punctuation, as in "server 2001:db8::1: gaming"
         try:
-            found.add((ipaddress.ip_address(address), int(mask) if mask else None))
+            found[address + (f"/{mask}" if mask else "")] = (ipaddress.ip_address(address), int(mask) if mask else None)
         except ValueError:
             continue
     return found
@@ -233,6 +235,67 @@ def _phone_digit_runs(text: str) -> set[str]:
     return runs
 
 
+@dataclass(frozen=True)
+class RequestValues:
+    """The values a request states, which an answer may copy (and nothing else of their kinds).
+
+    Attributes:
+        ips: Each IP address as the request writes it, with its prefix length where it has one
+            (``"198.51.100.0/24"``), mapped to ``(address, prefix length or None)``.
+        numbers: Whole numbers of up to six digits outside addresses (ports, among others).
+        phone_numbers: The digits of every run of whole digit groups in a phone-like span
+            outside the IP addresses (:func:`_phone_digit_runs`): the phone numbers an answer copies.
+        phones: Those, and the runs the IP addresses' own digits make, which the hallucination
+            check also lets pass.
+        urls: Whole URLs, trailing sentence punctuation and ``/`` dropped.
+        identifiers: ``user@domain`` tokens (network access identifiers).
+        words: Whitespace-separated words, surrounding punctuation dropped (opaque tokens).
+
+    """
+
+    ips: dict[str, tuple[Any, int | None]]
+    numbers: frozenset[int]
+    phone_numbers: frozenset[str]
+    phones: frozenset[str]
+    urls: frozenset[str]
+    identifiers: frozenset[str]
+    words: frozenset[str]
+
+    @property
+    def addresses(self) -> set[tuple[Any, int | None]]:
+        """The IP addresses, compared as addresses (``2001:db8::1`` equals ``2001:0db8:0::1``)."""
+        return set(self.ips.values())
+
+
+def request_values(request: str) -> RequestValues:
+    """Find the values ``request`` states: addresses, numbers, phone digits, URLs, identifiers, words.
+
+    The hallucination check (:func:`value_hallucinations`) judges an answer's values against
+    these, and constrained decoding lets an answer copy only these
+    (:func:`~qod_lightning.constrained.grounded_schema`).
+
+    Args:
+        request: The user's request text.
+
+    Returns:
+        The values.
+
+    """
+    # IPv4 addresses become a letter, not a space, so "192.0.2.7:5000: gaming" keeps port 5000
+    # instead of leaving " :5000:" to be read (and removed) as an IPv6 address.
+    without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub("x", request))
+    phone_numbers = _phone_digit_runs(without_ips)
+    return RequestValues(
+        ips=_request_ips(request),
+        numbers=frozenset(int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6),
+        phone_numbers=frozenset(phone_numbers),
+        phones=frozenset(phone_numbers | _phone_digit_runs(request)),
+        urls=frozenset(url.rstrip(_AROUND_VALUES).rstrip("/") for url in _URL_RE.findall(request)),
+        identifiers=frozenset(nai.strip(_AROUND_VALUES) for nai in _NAI_RE.findall(request)),
+        words=frozenset(word.strip(_AROUND_VALUES + "([{\"'") for word in request.split()) - {""},
+    )
+
+
 def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
     """List addresses, phone numbers, ports, URLs and identifiers in ``obj`` that ``request`` never mentions.
 
@@ -251,34 +314,25 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
         One message per invented value, in document order.
 
     """
-    if not isinstance(request, str):
-        request = ""
-    addresses = _request_addresses(request)
-    # IPv4 addresses become a letter, not a space, so "192.0.2.7:5000: gaming" keeps port 5000
-    # instead of leaving " :5000:" to be read (and removed) as an IPv6 address.
-    without_ips = _IPV6_RE.sub(" ", _IPV4_RE.sub("x", request))
-    numbers = {int(n) for n in _NUMBER_RE.findall(without_ips) if len(n) <= 6}
-    phones = _phone_digit_runs(without_ips) | _phone_digit_runs(request)
-    urls = {url.rstrip(_AROUND_VALUES).rstrip("/") for url in _URL_RE.findall(request)}
-    identifiers = {nai.strip(_AROUND_VALUES) for nai in _NAI_RE.findall(request)}
+    values = request_values(request if isinstance(request, str) else "")
     invented: list[str] = []
     for key, value in _leaves(obj):
         if isinstance(value, bool):
             continue
-        if key in _PORT_KEYS and isinstance(value, (int, float)):  # 443.0 is port 443 to a reader
-            if value not in numbers:
+        if key in PORT_KEYS and isinstance(value, (int, float)):  # 443.0 is port 443 to a reader
+            if value not in values.numbers:
                 invented.append(f"port {value} ({key})")
         elif isinstance(value, str):
-            occurs = _address_occurs(value.strip(), addresses)
+            occurs = _address_occurs(value.strip(), values.addresses)
             if occurs is False:
                 invented.append(f"address {value} ({key})")
             elif occurs is None and key == "phoneNumber":
-                if re.sub(r"\D", "", value) not in phones:
+                if re.sub(r"\D", "", value) not in values.phones:
                     invented.append(f"phone number {value}")
             elif occurs is None and (key == "notificationUrl" or value.startswith(("http://", "https://"))):
-                if value.rstrip("/") not in urls:
+                if value.rstrip("/") not in values.urls:
                     invented.append(f"URL {value} ({key})")
-            elif occurs is None and key == "networkAccessIdentifier" and value not in identifiers:
+            elif occurs is None and key == "networkAccessIdentifier" and value not in values.identifiers:
                 invented.append(f"network access identifier {value}")
     return invented
 

@@ -13,12 +13,13 @@ from qod_lightning.constrained import (
     GrammarCache,
     grammar_accepted_starts,
     grammar_schema,
+    grounded_schema,
     tokenizer_fingerprint,
 )
 from qod_lightning.generation import generate, generate_tokens
 from qod_lightning.model import load_for_inference, load_tokenizer
 from qod_lightning.schema import VALIDATOR
-from qod_lightning.validation import validate_request
+from qod_lightning.validation import validate_request, value_hallucinations
 from tests.test_generation import REQUESTS
 
 pytestmark = pytest.mark.numerics  # also run under the other instruction set's settings (.ci/run)
@@ -56,17 +57,15 @@ def test_grammar_ipv6_pattern_agrees_with_ipaddress(address, ok):
     assert bool(re.match(pattern, address)) is ok
 
 
-def test_every_string_of_the_grammar_passes_the_schema(tiny):
-    """Random walks through the grammar (uniform over allowed tokens): each ends valid, then EOS only."""
+def _random_answers(grammar, tokenizer, vocab_size: int, count: int, seed: int = 0) -> list[str]:
+    """Random walks through ``grammar`` (uniform over allowed tokens); each must end with EOS the only choice."""
     import xgrammar as xgr
 
-    _, tokenizer = tiny
-    vocab_size = len(tokenizer) + 16  # a padded embedding matrix, as Phi-3's
-    grammar = GrammarCache().get(tokenizer, vocab_size)
     special = set(tokenizer.all_special_ids)
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    rng = random.Random(0)
-    for _ in range(30):
+    rng = random.Random(seed)
+    answers = []
+    for _ in range(count):
         matcher, ids = xgr.GrammarMatcher(grammar), []
         while True:
             matcher.fill_next_token_bitmask(bitmask)
@@ -79,8 +78,61 @@ def test_every_string_of_the_grammar_passes_the_schema(tiny):
             assert not special & set(allowed) and max(allowed) < len(tokenizer)
             ids.append(rng.choice(allowed))
             assert matcher.accept_token(ids[-1])
-        text = tokenizer.decode(ids)
+        answers.append(tokenizer.decode(ids))
+    return answers
+
+
+def test_every_string_of_the_grammar_passes_the_schema(tiny):
+    _, tokenizer = tiny
+    vocab_size = len(tokenizer) + 16  # a padded embedding matrix, as Phi-3's
+    for text in _random_answers(GrammarCache().get(tokenizer, vocab_size), tokenizer, vocab_size, 30):
         assert not list(VALIDATOR.iter_errors(json.loads(text))), text
+
+
+GROUNDED_REQUESTS = [
+    "Need gaming session, device 203.0.113.75, server 192.0.2.0/24, 2 hours, device ports 5000-5010",
+    "video call from +44 7700 900123 (or tel 0044 7700 900124) to 2001:db8::1 for 90 minutes",
+    "Streaming on 198.51.100.4:5060 to 192.0.2.9, ports 8443 and 9000, "
+    "notify https://hooks.example.com/qod/7 token abcdefghij0123456789",
+    "UE ue-17@iot.example.org / 2001:db8:5::/48 / profile QOS_L / callback http://cb.example.net/x",
+]
+
+
+@pytest.mark.parametrize("request_text", GROUNDED_REQUESTS)
+def test_every_string_of_a_grounded_grammar_passes_the_schema_and_invents_no_value(tiny, request_text):
+    """The grammar stands in for the hallucination check: it lets through only values the check accepts."""
+    _, tokenizer = tiny
+    grammar = GrammarCache().for_requests(tokenizer, len(tokenizer), [request_text])[0]
+    for text in _random_answers(grammar, tokenizer, len(tokenizer), 20):
+        obj = json.loads(text)
+        assert not list(VALIDATOR.iter_errors(obj)), text
+        assert value_hallucinations(obj, request_text) == [], text
+
+
+def test_a_grounded_schema_lists_the_values_of_its_request_and_drops_keys_with_none():
+    schema = grounded_schema(GROUNDED_REQUESTS[0])
+    device, server = schema["properties"]["device"]["properties"], schema["properties"]["applicationServer"]
+    branch = device["ipv4Address"]["anyOf"][0]["properties"]
+    assert branch["publicAddress"]["enum"] == ["192.0.2.0", "203.0.113.75"]
+    assert server["properties"]["ipv4Address"]["enum"] == ["192.0.2.0", "192.0.2.0/24", "203.0.113.75"]
+    assert set(server["properties"]) == {"ipv4Address"}  # no IPv6 address to copy
+    assert "ipv6Address" not in device and "networkAccessIdentifier" not in device
+    plain = grounded_schema("device 203.0.113.75, server 192.0.2.9")["properties"]["device"]["properties"]
+    assert set(plain) == {"ipv4Address"}  # no phone number either: the address's digits are not one
+    ranges = schema["properties"]["devicePorts"]["properties"]["ranges"]["items"]["properties"]
+    assert ranges["from"]["enum"] == ranges["to"]["enum"] == [2, 5000, 5010]
+    assert "webhook" not in schema["properties"]  # no URL to notify
+    assert schema["properties"]["duration"] == grammar_schema()["properties"]["duration"]  # converted, not copied
+    phones = grounded_schema(GROUNDED_REQUESTS[1])["properties"]["device"]["properties"]["phoneNumber"]["enum"]
+    assert {"+447700900123", "+447700900124"} <= set(phones)
+
+
+def test_a_required_field_with_nothing_to_copy_keeps_the_ungrounded_schema():
+    schema = grounded_schema("a session for my phone to the game server, please")
+    ungrounded = grammar_schema()
+    assert schema["properties"]["device"] == ungrounded["properties"]["device"]
+    assert schema["properties"]["applicationServer"] == ungrounded["properties"]["applicationServer"]
+    assert set(schema["properties"]) == {"device", "applicationServer", "qosProfile", "duration"}
 
 
 def test_a_tokenizer_with_another_eos_gets_its_own_grammar(tiny, tmp_path):
@@ -92,16 +144,25 @@ def test_a_tokenizer_with_another_eos_gets_its_own_grammar(tiny, tmp_path):
     assert tokenizer_fingerprint(load_tokenizer(str(tmp_path))) == tokenizer_fingerprint(tokenizer)
 
 
-def test_grammar_is_compiled_once_per_tokenizer(tiny, tmp_path):
+def test_a_requests_grammar_is_compiled_once_per_tokenizer(tiny, tmp_path):
     model, tokenizer = tiny
-    generate(model, tokenizer, REQUESTS[:1], max_new_tokens=2, constrained=True)
+    generate(model, tokenizer, REQUESTS[:3], max_new_tokens=2, constrained=True)
     misses, hits = GRAMMAR_CACHE.misses, GRAMMAR_CACHE.hits
     generate(model, tokenizer, REQUESTS[:3], max_new_tokens=2, batch_size=1, constrained=True)  # 3 batches
-    generate(model, tokenizer, REQUESTS[:2], max_new_tokens=2, constrained=True)
     tokenizer.save_pretrained(tmp_path)  # a copy elsewhere (as beside an adapter) is the same tokenizer
     generate(model, load_tokenizer(str(tmp_path)), REQUESTS[:1], max_new_tokens=2, constrained=True)
     assert GRAMMAR_CACHE.misses == misses
-    assert GRAMMAR_CACHE.hits == hits + 3
+    assert GRAMMAR_CACHE.hits == hits + 4
+
+
+def test_the_cache_keeps_the_most_recently_used_grammars(tiny):
+    _, tokenizer = tiny
+    cache = GrammarCache(max_grammars=2)
+    *_, third = (cache.for_requests(tokenizer, len(tokenizer), [r])[0] for r in REQUESTS[:3])
+    assert cache.for_requests(tokenizer, len(tokenizer), [REQUESTS[2]]) == [third]
+    assert (cache.misses, cache.hits, len(cache.grammars)) == (3, 1, 2)
+    cache.for_requests(tokenizer, len(tokenizer), [REQUESTS[0]])  # evicted, so compiled again
+    assert cache.misses == 4
 
 
 def test_constrained_outputs_parse_and_pass_the_schema(tiny):
@@ -123,5 +184,5 @@ def test_grammar_accepted_starts_end_where_the_grammar_rejects(tiny):
     garbage = tokenizer("garbage", add_special_tokens=False)["input_ids"]
     brace = tokenizer("{", add_special_tokens=False)["input_ids"]
     answers = [valid, valid + garbage, valid[:5] + brace + valid[5:], garbage, []]
-    starts = grammar_accepted_starts(model, tokenizer, answers)
+    starts = grammar_accepted_starts(model, tokenizer, answers, REQUESTS[:1] * len(answers))
     assert [len(ids) for ids in starts] == [len(valid), len(valid), 5, 0, 0]

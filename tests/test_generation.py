@@ -232,7 +232,7 @@ def test_constrained_answers_from_unconstrained_starts_equal_those_from_scratch(
     brace = tokenizer("{", add_special_tokens=False)["input_ids"]  # never valid after the first token
     splits = [1, 2, 7, 20, 33]
     free = [ids[:k] + brace + ids[k:] for ids, k in zip(scratch, splits, strict=True)]
-    forced = grammar_accepted_starts(model, tokenizer, free)
+    forced = grammar_accepted_starts(model, tokenizer, free, REQUESTS)
     assert [len(ids) for ids in forced] == splits
     resumed = generate_tokens(model, tokenizer, REQUESTS, constrained=True, forced=forced, **options)
     assert resumed == scratch

@@ -259,7 +259,7 @@ def evaluate_model_both(
     start = time.perf_counter()
     forced, accepted_whole = None, None
     if not do_sample:
-        forced = grammar_accepted_starts(loaded, tokenizer, free, notes=options["notes"])
+        forced = grammar_accepted_starts(loaded, tokenizer, free, requests, notes=options["notes"])
         accepted_whole = sum(len(start_ids) == len(ids) for start_ids, ids in zip(forced, free, strict=True))
     options["max_new_tokens"] = constrained_max_new_tokens or max_new_tokens
     bound = generate_tokens(loaded, tokenizer, requests, constrained=True, forced=forced, **options)
