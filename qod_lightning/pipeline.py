@@ -63,6 +63,9 @@ class PipelineConfig:
             the whole answer (one pair per prompt), or ``fields``, one pair per wrong top-level
             field whose rejected answer is the chosen one with only that field as the model wrote
             it (:func:`~qod_lightning.data.on_policy.field_edit_pairs`).
+        on_policy_wrong_only: With ``on_policy_pairs``, DPO trains only on the pairs that reject
+            the SFT model's own mistakes; ``False`` also keeps the file's pairs for the prompts
+            it answers right.
         fit_args: Extra LightningCLI arguments for both training stages (e.g. ``--trainer.max_steps=2``),
             not data files (the stages read different formats): ``sft_train_file``, ``dpo_train_file``.
     """
@@ -81,6 +84,7 @@ class PipelineConfig:
     eval_workers: int = 1
     on_policy_pairs: bool = False
     on_policy_rejected: str = "answer"
+    on_policy_wrong_only: bool = False
     fit_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -142,11 +146,10 @@ def _write_on_policy_pairs(cfg: PipelineConfig, sft_adapter: Path, output: Path)
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.eval_batch_size,
         workers=cfg.eval_workers,
+        wrong_only=cfg.on_policy_wrong_only,
     )
-    print(
-        f"[pipeline] dpo pairs: {what} of {source} (the others keep the file's); "
-        f"{output} in {time.perf_counter() - start:.0f} s"
-    )
+    kept = "only those" if cfg.on_policy_wrong_only else "the others keep the file's"
+    print(f"[pipeline] dpo pairs: {what} of {source} ({kept}); {output} in {time.perf_counter() - start:.0f} s")
 
 
 def _stage_args(cfg: PipelineConfig, config: str, stage: str, adapter: Path | None, resume: bool) -> list[str]:
@@ -235,7 +238,7 @@ def _training_stamp(cfg: PipelineConfig, stage: str, config: str, adapter: Path 
         "args": args,
         "files": file_digests([*args, *_config_data_files(config), *sources]),
         "adapter": files_fingerprint(adapter) if adapter else None,
-        "on_policy": [cfg.on_policy_rejected, cfg.max_new_tokens] if on_policy else None,
+        "on_policy": [cfg.on_policy_rejected, cfg.on_policy_wrong_only, cfg.max_new_tokens] if on_policy else None,
     }
     return inputs_digest(what)
 

@@ -36,6 +36,15 @@ def test_a_wrong_answer_becomes_the_rejected_one(answer, rejected):
     assert replaced == int(rejected != RECORD["rejected"])
 
 
+def test_wrong_only_keeps_just_the_pairs_that_reject_the_models_answers():
+    wrong = json.dumps({**CHOSEN, "duration": 720})
+    answers = [wrong, json.dumps(CHOSEN), "   "]
+    pairs, replaced = on_policy_pairs([RECORD] * 3, answers, wrong_only=True)
+    assert [p["rejected"] for p in pairs] == [wrong] and replaced == 1
+    pairs, edited = field_edit_pairs([RECORD] * 3, answers, wrong_only=True)
+    assert [p["rejected"] for p in pairs] == [dump_request({**CHOSEN, "duration": 720})] and edited == 1
+
+
 def test_a_pair_with_a_broken_chosen_answer_keeps_its_rejected_one():
     broken = {**RECORD, "chosen": "not json"}
     pairs, replaced = on_policy_pairs([broken], ['{"qosProfile": "QOS_E"}'])

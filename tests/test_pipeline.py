@@ -156,10 +156,13 @@ def test_the_smoke_config_runs_the_whole_job_on_the_embedded_model(tmp_path):
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["pipeline", "--config", str(path)]) == 0
-    # The default trains DPO on the SFT model's own answers: one pair per prompt of the preference file.
-    assert config["on_policy_pairs"] and config["on_policy_rejected"] == "answer"
-    pairs = (tmp_path / "work" / "dpo" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(pairs) == len(Path(config["dpo_train_file"]).read_text(encoding="utf-8").splitlines())
+    # The default trains DPO on the SFT model's own wrong answers only: every pair rejects one.
+    assert config["on_policy_pairs"] and config["on_policy_wrong_only"] and config["on_policy_rejected"] == "answer"
+    lines = (tmp_path / "work" / "dpo" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    pairs = [json.loads(line) for line in lines]
+    source = Path(config["dpo_train_file"]).read_text(encoding="utf-8").splitlines()
+    generated = {r["prompt"]: r["rejected"] for r in map(json.loads, source)}
+    assert pairs and all(p["rejected"] != generated[p["prompt"]] for p in pairs)
     # Two training steps leave answers that the smoke budget cuts short, grammar or not.
     check_artifacts(tmp_path, constrained=True, full=True, grammar_closes=False)
 
@@ -509,6 +512,31 @@ def test_on_policy_pairs_can_reject_one_wrong_field_at_a_time(tmp_path, monkeypa
     ]
     assert [p["rejected"] for p in pairs] == [records[0]["rejected"], *edits]
     assert f"{len(edits)} of {len(edits) + 1} pairs reject one wrong field" in capsys.readouterr().out
+
+
+def test_on_policy_pairs_may_keep_only_the_sft_adapters_mistakes(tmp_path, monkeypatch, capsys, small_data):
+    import qod_lightning.cli
+    import qod_lightning.generation
+    import qod_lightning.model
+    from qod_lightning.pipeline import PipelineConfig, run_training
+
+    monkeypatch.setattr(qod_lightning.cli, "cli_main", fitted)
+    monkeypatch.setattr(qod_lightning.model, "load_for_inference", lambda path: (None, None))
+    records = [json.loads(line) for line in small_data["preferences"].read_text().splitlines()]
+    answers = [records[0]["chosen"]] + ['{"qosProfile": "QOS_E"}'] * (len(records) - 1)  # right on the first
+    monkeypatch.setattr(qod_lightning.generation, "generate", lambda model, tokenizer, prompts, **options: answers)
+    cfg = PipelineConfig(
+        model="m", sft_config="s", dpo_config="d", dpo_train_file=str(small_data["preferences"]), work_dir=str(tmp_path)
+    )
+    cfg.on_policy_pairs, cfg.on_policy_wrong_only = True, True
+    run_training(cfg, force=False)
+    pairs = [json.loads(line) for line in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == [r["prompt"] for r in records[1:]]
+    assert {p["rejected"] for p in pairs} == {'{"qosProfile": "QOS_E"}'}
+    assert "(only those)" in capsys.readouterr().out
+    answers[:] = [r["chosen"] for r in records]  # right on every prompt: nothing to train on
+    with pytest.raises(ValueError, match=r"answers all \d+ prompts .* right"):
+        run_training(cfg, force=True)
 
 
 @pytest.mark.parametrize(

@@ -28,13 +28,17 @@ from qod_lightning.extraction import extract_json
 from qod_lightning.metrics import json_equal, judge_prediction
 
 
-def on_policy_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, str]], int]:
+def on_policy_pairs(
+    records: list[dict[str, Any]], answers: list[str], wrong_only: bool = False
+) -> tuple[list[dict[str, str]], int]:
     """Replace each pair's rejected answer by the model's answer to its prompt where that is wrong.
 
     Args:
         records: ``{"prompt", "chosen", "rejected"}`` pairs (other keys are dropped). A pair
             whose ``chosen`` holds no JSON object keeps its rejected answer.
         answers: The model's answer to each record's prompt, in order.
+        wrong_only: Leave out the pairs that keep their rejected answer (the model was right,
+            or gave nothing to judge), so every pair rejects one of the model's own answers.
 
     Returns:
         ``(pairs, replaced)``: the new ``{"prompt", "chosen", "rejected"}`` pairs, in order, and
@@ -53,9 +57,10 @@ def on_policy_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[
             and bool(answer.strip())
             and not judge_prediction(answer, record["prompt"], expected).exact
         )
-        rejected = answer.strip() if wrong else record["rejected"]
         replaced += wrong
-        pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": rejected})
+        if wrong or not wrong_only:
+            rejected = answer.strip() if wrong else record["rejected"]
+            pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": rejected})
     return pairs, replaced
 
 
@@ -91,7 +96,9 @@ def field_edits(expected: dict[str, Any], answer: dict[str, Any]) -> list[dict[s
     return edits
 
 
-def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, str]], int]:
+def field_edit_pairs(
+    records: list[dict[str, Any]], answers: list[str], wrong_only: bool = False
+) -> tuple[list[dict[str, str]], int]:
     """Preference pairs that each reject one field of the model's wrong answer to their prompt.
 
     For a prompt whose answer parses but is wrong, one pair per mistake (:func:`field_edits`):
@@ -103,6 +110,8 @@ def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple
     Args:
         records: ``{"prompt", "chosen", "rejected"}`` pairs (other keys are dropped).
         answers: The model's answer to each record's prompt, in order.
+        wrong_only: Leave out the file's pairs (kept where the model was right or gave nothing
+            to judge), so every pair rejects one of the model's own mistakes.
 
     Returns:
         ``(pairs, edited)``: the new pairs, grouped by prompt in the records' order, and how many
@@ -118,7 +127,7 @@ def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple
         expected, parsed = extract_json(record["chosen"]), extract_json(answer)
         keep = {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
         if expected is None or not answer.strip():
-            pairs.append(keep)
+            pairs += [] if wrong_only else [keep]
         elif parsed is None:
             pairs.append({**keep, "rejected": answer.strip()})
         else:
@@ -126,7 +135,7 @@ def field_edit_pairs(records: list[dict[str, Any]], answers: list[str]) -> tuple
             chosen = dump_request(expected)
             pairs += [{"prompt": record["prompt"], "chosen": chosen, "rejected": dump_request(e)} for e in edits]
             edited += len(edits)
-            if not edits:
+            if not edits and not wrong_only:
                 pairs.append(keep)
     return pairs, edited
 
@@ -140,6 +149,7 @@ def build_on_policy_pairs(
     max_new_tokens: int,
     batch_size: int,
     workers: int,
+    wrong_only: bool = False,
 ) -> str:
     """Write DPO pairs whose rejected answers are the SFT adapter's own mistakes.
 
@@ -155,9 +165,13 @@ def build_on_policy_pairs(
         max_new_tokens: The most tokens generated per answer.
         batch_size: Prompts per generation batch.
         workers: Batches decoded at once in threads, on a CPU.
+        wrong_only: Keep only the pairs that reject the adapter's own mistakes.
 
     Returns:
         What the pairs hold, for a log line: how many took the adapter's answers, of how many.
+
+    Raises:
+        ValueError: When ``wrong_only`` leaves no pair (the adapter answered every prompt right).
 
     """
     from qod_lightning.data.preference import PREFERENCE_RECORD
@@ -178,14 +192,22 @@ def build_on_policy_pairs(
     del model
     free_gpu_memory()
     if rejected == "fields":
-        pairs, edited = field_edit_pairs(records, answers)
+        pairs, edited = field_edit_pairs(records, answers, wrong_only)
         what = (
             f"{edited} of {len(pairs)} pairs reject one wrong field of the SFT adapter's answers "
             f"to the {len(records)} prompts"
         )
     else:
-        pairs, replaced = on_policy_pairs(records, answers)
-        what = f"the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} pairs"
+        pairs, replaced = on_policy_pairs(records, answers, wrong_only)
+        what = (
+            f"the SFT adapter's own answer is the rejected one in {replaced} of {len(pairs)} pairs "
+            f"from {len(records)} prompts"
+        )
+    if not pairs:
+        raise ValueError(
+            f"the SFT adapter {adapter} answers all {len(records)} prompts of {source} right, so no pair "
+            "rejects one of its mistakes: give it more (or harder) prompts, or keep the file's pairs"
+        )
     atomic_write_text(output, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
     return what
 
