@@ -316,7 +316,7 @@ class GrammarCache:
         base = (tokenizer_fingerprint(tokenizer), len(tokenizer), vocab_size)  # hashed once for all schemas
         out = []
         for schema in schemas:
-            text = json.dumps(schema, sort_keys=True)
+            text = json.dumps(schema)  # key order kept: xgrammar writes properties in the schema's order
             key = (*base, notes, hashlib.sha256(text.encode()).hexdigest())
             if key in self.grammars:
                 self.hits += 1

@@ -127,6 +127,29 @@ def test_a_grounded_schema_lists_the_values_of_its_request_and_drops_keys_with_n
     assert {"+447700900123", "+447700900124"} <= set(phones)
 
 
+def test_a_grounded_grammar_accepts_the_right_answer_written_as_training_writes_it(tiny):
+    """Properties come in the schema's order (device first), as the training answers write them."""
+    from qod_lightning.constrained import grammar_prefix_length
+    from qod_lightning.data.prompts import dump_request
+
+    _, tokenizer = tiny
+    request = GROUNDED_REQUESTS[2]
+    answer = {
+        "device": {"ipv4Address": {"publicAddress": "198.51.100.4", "publicPort": 5060}},
+        "applicationServer": {"ipv4Address": "192.0.2.9"},
+        "applicationServerPorts": {"ports": [8443, 9000]},
+        "qosProfile": "QOS_M",
+        "webhook": {
+            "notificationUrl": "https://hooks.example.com/qod/7",
+            "notificationAuthToken": "abcdefghij0123456789",
+        },
+        "duration": 86400,
+    }
+    ids = tokenizer(dump_request(answer), add_special_tokens=False)["input_ids"]
+    grammar = GrammarCache().for_requests(tokenizer, len(tokenizer), [request])[0]
+    assert grammar_prefix_length(grammar, ids) == len(ids)
+
+
 def test_a_required_field_with_nothing_to_copy_keeps_the_ungrounded_schema():
     schema = grounded_schema("a session for my phone to the game server, please")
     ungrounded = grammar_schema()
