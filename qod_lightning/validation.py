@@ -315,6 +315,7 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
 
     """
     values = request_values(request if isinstance(request, str) else "")
+    addresses = values.addresses  # a set built from the IPs: once, not per value
     invented: list[str] = []
     for key, value in _leaves(obj):
         if isinstance(value, bool):
@@ -323,7 +324,7 @@ def value_hallucinations(obj: dict[str, Any], request: str) -> list[str]:
             if value not in values.numbers:
                 invented.append(f"port {value} ({key})")
         elif isinstance(value, str):
-            occurs = _address_occurs(value.strip(), values.addresses)
+            occurs = _address_occurs(value.strip(), addresses)
             if occurs is False:
                 invented.append(f"address {value} ({key})")
             elif occurs is None and key == "phoneNumber":

@@ -127,7 +127,8 @@ def field_edit_pairs(
         expected, parsed = extract_json(record["chosen"]), extract_json(answer)
         keep = {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
         if expected is None or not answer.strip():
-            pairs += [] if wrong_only else [keep]
+            if not wrong_only:
+                pairs.append(keep)
         elif parsed is None:
             pairs.append({**keep, "rejected": answer.strip()})
         else:
