@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qod_lightning.data.jsonl import DataError, read_jsonl
-from qod_lightning.data.preference import PreferenceDataModule
+from qod_lightning.data.preference import PreferenceDataModule, first_steps
 from qod_lightning.data.sampling import WindowBatchSampler
 from qod_lightning.data.sft import SFTDataModule
 from qod_lightning.data.tokenize import encode_prompt, encode_response, fit_to_length, format_prompt, keep_last
@@ -281,3 +281,29 @@ def test_group_by_length_keeps_chunks(tiny_model_dir):
     order = [b[0][0] for b in s]
     assert order == [1, 2, 0, 3, 4, 5]
     assert torch.tensor(order).unique().numel() == 6
+
+
+def test_first_steps_split_two_answers_at_their_first_difference():
+    assert first_steps([1, 2, 3, 4, 9], [1, 2, 5, 4, 9], 2) == ([1, 2], [3, 4], [5, 4])
+    assert first_steps([1, 2, 9], [1, 3, 4, 9], 10) == ([1], [2, 9], [3, 4, 9])
+    assert first_steps([7, 9], [8, 9], 1) == ([], [7], [8])
+    with pytest.raises(ValueError, match="same tokens"):
+        first_steps([1, 2, 9], [1, 2, 9], 3)
+
+
+def test_step_tokens_move_the_shared_tokens_into_the_prompt(tiny_model_dir, tmp_path):
+    chosen, rejected = '{"qosProfile":"QOS_E","duration":7200}', '{"qosProfile":"QOS_E","duration":3600}'
+    path = write(tmp_path / "p.jsonl", [{"prompt": "gaming 2 hours", "chosen": chosen, "rejected": rejected}])
+    whole = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1)
+    step = PreferenceDataModule(str(tiny_model_dir), path, val_fraction=0.0, batch_size=1, step_tokens=2)
+    whole.setup("fit")
+    step.setup("fit")
+    full, cut = whole.train_set[0], step.train_set[0]
+    shared = len(cut["prompt_ids"]) - len(full["prompt_ids"])
+    assert shared > 0 and cut["prompt_ids"] == full["prompt_ids"] + full["chosen_ids"][:shared]
+    assert full["rejected_ids"][:shared] == full["chosen_ids"][:shared]
+    assert cut["chosen_ids"] == full["chosen_ids"][shared : shared + 2]
+    assert cut["rejected_ids"] == full["rejected_ids"][shared : shared + 2]
+    assert cut["chosen_ids"][0] != cut["rejected_ids"][0]
+    with pytest.raises(ValueError, match="step_tokens"):
+        PreferenceDataModule(str(tiny_model_dir), path, step_tokens=0)

@@ -1,12 +1,13 @@
 """sequence_logps / response_logps against a hand loop over tokens; batch_logps against one row at a time."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from qod_lightning.data.preference import PreferenceDataModule
-from qod_lightning.logprobs import PairLayout, batch_logps, response_logps, sequence_logps
+from qod_lightning.logprobs import PairLayout, batch_logps, pair_logps, response_logps, sequence_logps
 from qod_lightning.model import ModelSettings
 from qod_lightning.modules import DPOModule
 
@@ -93,3 +94,27 @@ def test_concatenated_pass_equals_separate_passes(tiny_model_dir, small_data):
             logits = module.model(input_ids=ids).logits
             alone, _ = sequence_logps(logits, labels)
             torch.testing.assert_close(together[k * 3 + j], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_whole_step_pair_keeps_the_dpo_margin_of_its_whole_answers(tiny_model_dir, tmp_path, packed):
+    # The tokens both answers share add the same log-prob to each, so moving them into the prompt
+    # leaves log p(chosen) - log p(rejected), the only thing DPO sees of the policy, unchanged.
+    pairs = [
+        {"prompt": "gaming 2 hours", "chosen": '{"q":"QOS_E","d":7200}', "rejected": '{"q":"QOS_E","d":3600}'},
+        {"prompt": "video", "chosen": '{"q":"QOS_M","d":86400}', "rejected": '{"q":"QOS_L","d":86400}'},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    module = DPOModule(ModelSettings(str(tiny_model_dir)))
+    module.model.eval()
+    margins = []
+    for step_tokens in (None, 1000):
+        dm = PreferenceDataModule(
+            str(tiny_model_dir), str(path), val_fraction=0.0, batch_size=2, step_tokens=step_tokens
+        )
+        dm.setup("fit")
+        dm.layout = PairLayout(packed=packed)
+        logps = pair_logps(module.model, dm.collate([dm.train_set[0], dm.train_set[1]]))  # (2B,)
+        margins.append(logps[:2] - logps[2:])
+    torch.testing.assert_close(margins[0], margins[1], rtol=1e-4, atol=1e-4)

@@ -27,8 +27,17 @@ class PreferenceDataModule(TokenizedDataModule):
     ``attention_mask`` and ``labels`` of shape (2B, T): rows ``[:B]`` the chosen answers and rows
     ``[B:]`` the rejected ones, padded to one length so the policy scores both in a single forward
     pass. Labels are ``-100`` on the prompt and padding. ``prompt`` is the user's request; the
-    instruction is :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT. See
-    :class:`~qod_lightning.data.base.TokenizedDataModule` for the arguments.
+    instruction is :data:`~qod_lightning.data.prompts.SYSTEM_PROMPT`, as in SFT.
+
+    Args:
+        step_tokens: When set, each pair keeps only this many tokens of each answer from the first
+            token where they differ, and the tokens they share before it join the prompt (Step-DPO,
+            Lai et al. 2024, arXiv:2406.18629: prefer the first right step to the first wrong one).
+            The shared tokens add the same log-ratio to both answers, so moving them changes no
+            DPO loss; cutting the tail stops DPO from pushing down what a wrong answer goes on to
+            copy right (its addresses, its closing braces) after its mistake. ``None`` keeps
+            whole answers.
+        **kwargs: See :class:`~qod_lightning.data.base.TokenizedDataModule`.
     """
 
     layout = PairLayout()
@@ -36,6 +45,12 @@ class PreferenceDataModule(TokenizedDataModule):
 
     encoded_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "input_ids")
     answer_key = "chosen"
+
+    def __init__(self, *args: Any, step_tokens: int | None = None, **kwargs: Any) -> None:
+        if step_tokens is not None and step_tokens < 1:
+            raise ValueError(f"step_tokens must be at least 1 (or null for whole answers), got {step_tokens}")
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
 
     def read(self, path: str) -> list[dict[str, Any]]:
         """Read preference records; a pair whose chosen equals its rejected is an error.
@@ -51,10 +66,16 @@ class PreferenceDataModule(TokenizedDataModule):
         return records
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """Prompt ids (truncated to fit the longer answer) and both answers' ids + EOS."""
+        """Prompt ids (truncated to fit the longer answer) and both answers' ids + EOS (or their steps)."""
         prompt_ids = encode_prompt(self.tokenizer, record["prompt"], SYSTEM_PROMPT, self.hparams.prompt_format)
         chosen = encode_response(self.tokenizer, record["chosen"])
         rejected = encode_response(self.tokenizer, record["rejected"])
+        if self.hparams.step_tokens is not None:
+            try:
+                shared, chosen, rejected = first_steps(chosen, rejected, self.hparams.step_tokens)
+            except ValueError as err:
+                raise ValueError(f"line {record['_line']}: {err}") from err
+            prompt_ids = prompt_ids + shared
         longer = chosen if len(chosen) >= len(rejected) else rejected
         kept = fit_to_length(prompt_ids, longer, self.hparams.max_length, self.tokenizer.bos_token_id)
         if kept is None:
@@ -93,3 +114,31 @@ class PreferenceDataModule(TokenizedDataModule):
             for item in items
         ]
         return pad_batch(rows, pad_id, pad_to_multiple_of=multiple)
+
+
+def first_steps(chosen: list[int], rejected: list[int], step_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    """Split two answers at their first differing token.
+
+    Args:
+        chosen: The chosen answer's ids.
+        rejected: The rejected answer's ids; it must differ from ``chosen``.
+        step_tokens: How many ids of each answer to keep from the first difference.
+
+    Returns:
+        The ids both share before the first difference, then at most ``step_tokens`` ids of
+        ``chosen`` and of ``rejected`` from there.
+
+    Raises:
+        ValueError: If the two answers have the same tokens.
+
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):  # the answers may differ in length
+        if a != b:
+            break
+        shared += 1
+    if shared == min(len(chosen), len(rejected)):
+        # One answer is a prefix of the other: both end in EOS, so this only happens when they are equal.
+        raise ValueError("the chosen and rejected answers have the same tokens")
+    end = shared + step_tokens
+    return chosen[:shared], chosen[shared:end], rejected[shared:end]
