@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -38,6 +39,17 @@ class QoDCLI(LightningCLI):
         parser.add_argument(
             "--generation_checks", type=bool, default=True, help="run the configs' GenerationEvaluation callbacks"
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse ``args``; when a caller passes them (the pipeline, tests), ``sys.argv`` is not the CLI's.
+
+        LightningCLI warns when it gets ``args`` while ``sys.argv`` holds arguments; inside
+        ``python -m qod_lightning pipeline`` that is by design (each stage gets its own arguments),
+        so the warning would only confuse.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         """Drop the generation checks when ``--generation_checks false``."""

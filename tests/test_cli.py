@@ -1,5 +1,6 @@
 """Every config in configs/ instantiates; SFT then DPO train a few steps through the CLI."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,14 @@ def test_print_config(capsys, tiny_model_dir, small_data, tmp_path):
         )
     assert exit_info.value.code == 0
     assert "class_path: qod_lightning.modules.SFTModule" in capsys.readouterr().out
+
+
+def test_args_from_a_caller_do_not_warn_about_sys_argv(monkeypatch, tiny_model_dir, small_data, tmp_path):
+    # The pipeline runs each stage with its own arguments while sys.argv holds `pipeline --config ...`;
+    # LightningCLI's warning about passing both is noise there.
+    monkeypatch.setattr("sys.argv", ["qod_lightning", "pipeline", "--config", "configs/pipeline/smoke.yaml"])
+    config = CONFIGS[-1].with_name("sft.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(tiny_overrides(tiny_model_dir, tmp_path, small_data, config, False), run=False)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
