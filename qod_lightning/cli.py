@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         The process exit code.
 
     """
-    argv_from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -126,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         from qod_lightning.preflight import SetupError
 
         try:
-            # From a real command line LightningCLI reads sys.argv itself (passing both warns).
-            cli_main(None if argv_from_sys else [command, *rest])
+            cli_main([command, *rest])
         except SetupError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
