@@ -114,3 +114,16 @@ def test_field_edit_pairs_need_one_answer_per_pair_and_a_parsable_chosen():
         field_edit_pairs([RECORD, RECORD], ["{}"])
     broken = {**RECORD, "chosen": "not json"}
     assert field_edit_pairs([broken], ['{"qosProfile": "QOS_E"}'])[0][0]["rejected"] == RECORD["rejected"]
+
+
+def test_field_edit_pairs_keep_the_chosen_note_with_each_edits_own_decisions():
+    note = 'duration: "for 2 hours" = 7200; use: "gaming" = QOS_E'
+    record = {**RECORD, "chosen": f"{note}\n{dump_request(CHOSEN)}"}
+    answer = f"{note}\n" + json.dumps({**CHOSEN, "qosProfile": "QOS_M", "duration": 720})
+    pairs, edited = field_edit_pairs([record], [answer])
+    assert edited == 2
+    assert [p["chosen"] for p in pairs] == [record["chosen"]] * 2
+    assert [p["rejected"] for p in pairs] == [
+        f'duration: "for 2 hours" = 7200; use: "gaming" = QOS_M\n{dump_request({**CHOSEN, "qosProfile": "QOS_M"})}',
+        f'duration: "for 2 hours" = 720; use: "gaming" = QOS_E\n{dump_request({**CHOSEN, "duration": 720})}',
+    ]

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from qod_lightning.artifacts import atomic_write_text
+from qod_lightning.data.generator.notes import note_for_answer
 from qod_lightning.data.jsonl import read_jsonl
 from qod_lightning.data.prompts import dump_request
-from qod_lightning.extraction import extract_json
+from qod_lightning.extraction import extract_json, split_note
 from qod_lightning.metrics import json_equal, judge_prediction
 
 
@@ -96,6 +97,12 @@ def field_edits(expected: dict[str, Any], answer: dict[str, Any]) -> list[dict[s
     return edits
 
 
+def _written(request: dict[str, Any], note: str | None) -> str:
+    """``request`` written the canonical way, after ``note`` made to match it when there is one."""
+    body = dump_request(request)
+    return body if note is None else f"{note_for_answer(note, body)}\n{body}"
+
+
 def field_edit_pairs(
     records: list[dict[str, Any]], answers: list[str], wrong_only: bool = False
 ) -> tuple[list[dict[str, str]], int]:
@@ -104,8 +111,11 @@ def field_edit_pairs(
     For a prompt whose answer parses but is wrong, one pair per mistake (:func:`field_edits`):
     the chosen answer is the expected request and the rejected one is that request with the
     mistake put in, both written the canonical way (:func:`~qod_lightning.data.prompts.dump_request`)
-    so they share every token up to the edit. An answer with no JSON object is rejected whole; a
-    right or empty answer, or a pair whose ``chosen`` holds no JSON object, keeps the file's pair.
+    so they share every token up to the edit. Where the file's chosen answer opens with a
+    scratchpad note, both answers open with it, the rejected one's with its own duration and
+    profile (:func:`~qod_lightning.data.generator.notes.note_for_answer`), so the pair is in the
+    form the model writes. An answer with no JSON object is rejected whole; a right or empty
+    answer, or a pair whose ``chosen`` holds no JSON object, keeps the file's pair.
 
     Args:
         records: ``{"prompt", "chosen", "rejected"}`` pairs (other keys are dropped).
@@ -132,9 +142,10 @@ def field_edit_pairs(
         elif parsed is None:
             pairs.append({**keep, "rejected": answer.strip()})
         else:
+            note, _ = split_note(record["chosen"])
             edits = field_edits(expected, parsed)
-            chosen = dump_request(expected)
-            pairs += [{"prompt": record["prompt"], "chosen": chosen, "rejected": dump_request(e)} for e in edits]
+            chosen = _written(expected, note)
+            pairs += [{"prompt": record["prompt"], "chosen": chosen, "rejected": _written(e, note)} for e in edits]
             edited += len(edits)
             if not edits and not wrong_only:
                 pairs.append(keep)
