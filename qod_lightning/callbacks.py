@@ -1,7 +1,8 @@
 """Training callbacks and their TensorBoard logging: generation checks, weight snapshots, a finished run's evaluation.
 
-:class:`GenerationEvaluation` evaluates what the model generates during training and
-:class:`Snapshots` saves weights for a learning curve; :func:`log_predictions` writes an
+:class:`GenerationEvaluation` evaluates what the model generates during training,
+:class:`Snapshots` saves weights for a learning curve, :class:`TailAverage` ends training on the
+mean of the last weights along the run; :func:`log_predictions` writes an
 evaluation made after training to the run's TensorBoard, under the callback's tags.
 """
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qod_lightning.artifacts import atomic_write_text
 from qod_lightning.data.jsonl import read_jsonl
@@ -304,3 +307,84 @@ class Snapshots(L.Callback):
             )
             atomic_write_text(Path(path).parent / "index.json", json.dumps(self.index, indent=1) + "\n")
         self._excluded += time.perf_counter() - saving
+
+
+class TailAverage(L.Callback):
+    """End training on the mean of the trainable weights at the run's last few points (a one-run model soup).
+
+    The points are every ``every_n_steps``-th optimizer step and the last step; training ends on
+    the uniform mean of the weights at the last ``count`` of them (Izmailov et al., 2018, "Averaging
+    Weights Leads to Wider Optima and Better Generalization", with the points of a decaying
+    schedule). The steps between two late points still move the weights along directions that
+    differ from one stretch of records to the next; the mean keeps what the stretches agree on.
+
+    The mean is kept on the CPU (one copy of the trainable weights), goes into checkpoints so a
+    resumed run averages the same weights, and replaces the weights in ``on_train_end``: the module
+    saves ``final`` after it, and validation during the run sees the weights as trained. Listed
+    after :class:`Snapshots`, the snapshots stay the weights as trained, the last one included.
+
+    Args:
+        every_n_steps: Optimizer steps between two points.
+        count: Points averaged, the last step included; 1 keeps the last weights as they are.
+    """
+
+    def __init__(self, every_n_steps: int, count: int = 2) -> None:
+        if every_n_steps < 1 or count < 1:
+            raise ValueError(f"every_n_steps and count must be >= 1, got {every_n_steps} and {count}")
+        self.every_n_steps, self.count = every_n_steps, count
+        self.points: list[int] = []
+        self.steps: list[int] = []  # the points in the mean so far
+        self.mean: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Choose the points before the last step: the last ``count - 1`` multiples of ``every_n_steps`` below it."""
+        last = int(trainer.estimated_stepping_batches)
+        below = range(self.every_n_steps, last, self.every_n_steps)
+        self.points = list(below[len(below) - min(self.count - 1, len(below)) :])
+        if not set(self.steps) <= set(self.points):
+            rank_zero_warn(f"TailAverage: dropped the checkpoint's mean of steps {self.steps}, not this run's points")
+            self.steps, self.mean = [], {}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Add the weights to the mean after the optimizer step of a point."""
+        step = trainer.global_step  # micro-batches of an accumulation window after a step see the same count
+        if step in self.points and step not in self.steps:
+            self._add(pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Add the last weights and load the mean into the model."""
+        if not self.steps:  # no point before the last step: nothing to average with
+            return
+        if trainer.global_step not in self.steps:
+            self._add(pl_module, trainer.global_step)
+        if len(self.steps) > 1:
+            rank_zero_info(f"TailAverage: training ends on the mean of the weights at steps {self.steps}")
+            with torch.no_grad():
+                for name, param in self._trainable(pl_module):
+                    param.copy_(self.mean[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mean so far and its steps, so that a resumed run averages the same weights."""
+        return {"steps": list(self.steps), "mean": dict(self.mean)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the mean of a checkpoint (checked against the run's points at train start)."""
+        self.steps, self.mean = list(state_dict["steps"]), dict(state_dict["mean"])
+
+    @staticmethod
+    def _trainable(pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, param) for name, param in pl_module.named_parameters() if param.requires_grad]
+
+    def _add(self, pl_module: L.LightningModule, step: int) -> None:
+        """Running mean: ``mean += (weights - mean) / n``, in float32 on the CPU."""
+        n = len(self.steps) + 1
+        with torch.no_grad():
+            for name, param in self._trainable(pl_module):
+                weights = param.detach().to("cpu", torch.float32)
+                if n == 1:
+                    self.mean[name] = weights.clone()
+                else:
+                    self.mean[name] += (weights - self.mean[name]) / n
+        self.steps.append(step)

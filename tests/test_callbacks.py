@@ -206,3 +206,85 @@ def test_snapshots_count_records_not_rows():
     for batch in (packed, two_rows):
         snapshots.on_train_batch_end(trainer, None, None, batch, 0)
     assert snapshots._records == 12  # 6 pairs on each of 2 ranks
+
+
+def fit_tiny(model_dir, train_file, out, callbacks, ckpt_path=None) -> None:
+    """Fit the tiny model fully, one record per optimizer step (9 training records: 9 steps)."""
+    module = SFTModule(ModelSettings(str(model_dir), finetune="full"), output_dir=str(out))
+    data = SFTDataModule(str(model_dir), str(train_file), val_fraction=0.25, batch_size=1)
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    # The checkpoint is this test's own; its hyperparameters hold a ModelSettings (the CLI stores plain values).
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: tensor.double() for name, tensor in load_file(model_dir / "model.safetensors").items()}
+
+
+def test_tail_average_ends_on_the_mean_of_the_snapshot_weights(tiny_model_dir, small_data, tmp_path):
+    from qod_lightning.callbacks import Snapshots, TailAverage
+
+    L.seed_everything(0)
+    out = tmp_path / "out"
+    # Snapshots first: they keep the weights as trained, steps 3, 6 and 9 (the last).
+    callbacks = [Snapshots(every_n_steps=3), TailAverage(every_n_steps=3, count=3)]
+    fit_tiny(tiny_model_dir, small_data["sft"], out, callbacks)
+    points = [weights(out / f"snapshots/step-{step}") for step in (3, 6, 9)]
+    final = weights(out / "final")
+    assert final.keys() == points[0].keys()
+    for name, tensor in final.items():
+        expected = sum(point[name] for point in points) / 3  # float64 reference
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+    assert any(not torch.equal(final[name], points[-1][name]) for name in final)  # not the last weights
+
+
+def test_tail_average_of_one_point_keeps_the_last_weights(tiny_model_dir, small_data, tmp_path):
+    from qod_lightning.callbacks import Snapshots, TailAverage
+
+    L.seed_everything(0)
+    out = tmp_path / "out"
+    callbacks = [Snapshots(every_n_steps=3), TailAverage(every_n_steps=3, count=1)]
+    fit_tiny(tiny_model_dir, small_data["sft"], out, callbacks)
+    last, final = weights(out / "snapshots/step-9"), weights(out / "final")
+    assert all(torch.equal(final[name], last[name]) for name in final)
+
+
+def test_tail_average_resumes_with_the_checkpoints_mean(tiny_model_dir, small_data, tmp_path):
+    """Resumed after step 7, the run still averages step 6's weights (kept in the checkpoint) with the last."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qod_lightning.callbacks import TailAverage
+
+    def callbacks(out):
+        saving = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=7, save_top_k=-1)
+        return [TailAverage(every_n_steps=3, count=2), saving]
+
+    L.seed_everything(0)
+    whole = tmp_path / "whole"
+    fit_tiny(tiny_model_dir, small_data["sft"], whole, callbacks(whole))
+    (checkpoint,) = (whole / "ckpt").glob("*step=7.ckpt")
+    L.seed_everything(0)
+    resumed = tmp_path / "resumed"
+    fit_tiny(tiny_model_dir, small_data["sft"], resumed, [TailAverage(every_n_steps=3, count=2)], ckpt_path=checkpoint)
+    expected, final = weights(whole / "final"), weights(resumed / "final")
+    for name, tensor in final.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+
+
+def test_tail_average_rejects_bad_settings():
+    from qod_lightning.callbacks import TailAverage
+
+    with pytest.raises(ValueError, match="every_n_steps and count"):
+        TailAverage(every_n_steps=0)
+    with pytest.raises(ValueError, match="every_n_steps and count"):
+        TailAverage(every_n_steps=4, count=0)
