@@ -15,7 +15,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from qod_lightning.artifacts import COMPLETE_MARKER, atomic_directory
@@ -61,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("models", nargs="+", type=Path, help="model directories (model.safetensors each)")
     parser.add_argument("--out", required=True, type=Path, help="new model directory")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     print(f"wrote {average_models(args.models, args.out)}")
 
 

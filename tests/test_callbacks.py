@@ -147,23 +147,30 @@ def test_rejects_bad_settings():
         GenerationEvaluation(every_n_epochs=0)
 
 
+def fit_tiny(model_dir, train_file, out, callbacks, batch_size: int = 1, ckpt_path=None, **trainer_args) -> None:
+    """Fit the tiny model fully on ``train_file``'s 9 training records, one epoch unless ``trainer_args`` say else."""
+    module = SFTModule(ModelSettings(str(model_dir), finetune="full"), output_dir=str(out))
+    data = SFTDataModule(str(model_dir), str(train_file), val_fraction=0.25, batch_size=batch_size)
+    trainer = L.Trainer(
+        **{"max_epochs": 1, **trainer_args},
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    # The checkpoint is this test's own; its hyperparameters hold a ModelSettings (the CLI stores plain values).
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+
+
 def snapshot_index(model_dir, train_file, tmp_path, batch_size: int, every_n_steps: int, **trainer_args) -> list:
     """Fit the tiny model fully with :class:`Snapshots` and return its ``index.json`` entries."""
     from qod_lightning.callbacks import Snapshots
 
-    module = SFTModule(ModelSettings(str(model_dir), finetune="full"), output_dir=str(tmp_path / "out"))
-    data = SFTDataModule(str(model_dir), str(train_file), val_fraction=0.25, batch_size=batch_size)
-    trainer = L.Trainer(
-        callbacks=[Snapshots(every_n_steps=every_n_steps)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **trainer_args,
-    )
-    trainer.fit(module, data)
-    return json.loads((tmp_path / "out/snapshots/index.json").read_text())
+    out = tmp_path / "out"
+    fit_tiny(model_dir, train_file, out, [Snapshots(every_n_steps=every_n_steps)], batch_size, **trainer_args)
+    return json.loads((out / "snapshots/index.json").read_text())
 
 
 def test_snapshots_along_the_run_with_records_seen_and_training_seconds(tiny_model_dir, small_data, tmp_path):
@@ -206,23 +213,6 @@ def test_snapshots_count_records_not_rows():
     for batch in (packed, two_rows):
         snapshots.on_train_batch_end(trainer, None, None, batch, 0)
     assert snapshots._records == 12  # 6 pairs on each of 2 ranks
-
-
-def fit_tiny(model_dir, train_file, out, callbacks, ckpt_path=None) -> None:
-    """Fit the tiny model fully, one record per optimizer step (9 training records: 9 steps)."""
-    module = SFTModule(ModelSettings(str(model_dir), finetune="full"), output_dir=str(out))
-    data = SFTDataModule(str(model_dir), str(train_file), val_fraction=0.25, batch_size=1)
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
-    # The checkpoint is this test's own; its hyperparameters hold a ModelSettings (the CLI stores plain values).
-    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
 
 
 def weights(model_dir) -> dict[str, torch.Tensor]:
